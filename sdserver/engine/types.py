@@ -27,6 +27,8 @@ class SamplingParams:
     steps: int = 20
     cfg_scale: float = 7.0
     eta: float | None = None  # None: the sampler's option default (eta_ancestral / eta_ddim)
+    eta_ancestral: float = 1.0  # A1111 option defaults, used when eta is None
+    eta_ddim: float = 0.0
     s_churn: float = 0.0
     s_tmin: float = 0.0
     s_tmax: float = 0.0  # 0 means infinity, as A1111
