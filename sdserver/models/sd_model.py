@@ -1,0 +1,130 @@
+"""`SDModel`: a loaded checkpoint's modules plus the facts the pipeline needs about them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sdserver.models.family_base import ModelSpec
+from sdserver.models.nn.clip import CLIPTextModel
+from sdserver.models.nn.unet import UNetModel
+from sdserver.models.nn.vae import AutoencoderKL
+from sdserver.models.tokenizer import CLIPTokenizer
+
+# SD's training schedule ("scaled linear"): betas linear in sqrt space from 0.00085 to 0.012 over 1000 steps.
+_BETA_START, _BETA_END, _TRAIN_STEPS = 0.00085, 0.012, 1000
+
+
+def sd_alphas_cumprod() -> torch.Tensor:
+    """Cumulative alphas of SD's training schedule, computed in float64 and stored as float32 like LDM does."""
+    betas = torch.linspace(_BETA_START**0.5, _BETA_END**0.5, _TRAIN_STEPS, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    context: torch.Tensor  # [B, T, D] cross-attention context, float32
+    pooled: torch.Tensor | None  # [B, P] pooled text embedding where the family uses it (SDXL), else None
+
+
+class SDModel(nn.Module):
+    """UNet, VAE and text encoder(s) of one checkpoint. Inputs are moved to the model's device and dtype
+    inside each method; outputs come back as float32."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        unet: UNetModel,
+        vae: AutoencoderKL,
+        text_encoders: list[CLIPTextModel],
+        tokenizer: CLIPTokenizer,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.unet = unet
+        self.vae = vae
+        self.text_encoders = nn.ModuleList(text_encoders)
+        self.tokenizer = tokenizer
+        # A plain attribute, not a buffer: samplers read it on the CPU whatever the model's device.
+        self.alphas_cumprod = sd_alphas_cumprod()
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    @property
+    def prediction_type(self) -> str:
+        return self.spec.prediction_type
+
+    @property
+    def is_inpainting(self) -> bool:
+        return self.spec.is_inpainting
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        return self.spec.default_size
+
+    @property
+    def latent_channels(self) -> int:
+        return self.spec.vae.embed_dim
+
+    @property
+    def latent_scale(self) -> int:
+        """Pixels per latent cell along each side (8 for every released SD model)."""
+        return self.spec.vae.downscale
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.spec.vae.scaling_factor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.out[2].weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.out[2].weight.device
+
+    def encode_tokens(self, tokens: torch.Tensor, clip_skip: int = 1) -> TextEncoding:
+        """Cross-attention context of `tokens` ([B, T] ids); clip_skip=2 takes the penultimate layer."""
+        tokens = tokens.to(self.device, torch.long)
+        contexts, pooled = [], None
+        for encoder in self.text_encoders:
+            hidden, pooled = encoder(tokens, clip_skip, final_norm=self.spec.final_layer_norm)
+            contexts.append(hidden.float())
+        context = torch.cat(contexts, dim=-1) if len(contexts) > 1 else contexts[0]
+        return TextEncoding(context, pooled.float() if self.spec.uses_pooled and pooled is not None else None)
+
+    def apply_unet(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        y: torch.Tensor | None = None,
+        concat: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The UNet's prediction for latents `x` at timesteps `t`; `concat` adds inpainting channels."""
+        if concat is not None:
+            x = torch.cat([x, concat.to(x.device, x.dtype)], dim=1)
+        device, dtype = self.device, self.dtype
+        out = self.unet(
+            x.to(device, dtype),
+            t.to(device),
+            context.to(device, dtype),
+            None if y is None else y.to(device, dtype),
+        )
+        return out.float()
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Scaled latent (posterior mean × scaling factor) of images in [-1, 1], [B, 3, H, W]."""
+        vae_param = self.vae.quant_conv.weight
+        mean = self.vae.encode(image.to(vae_param.device, vae_param.dtype))
+        return mean.float() * self.scaling_factor
+
+    def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """Images in about [-1, 1] from scaled latents."""
+        vae_param = self.vae.quant_conv.weight
+        z = (latent.float() / self.scaling_factor).to(vae_param.device, vae_param.dtype)
+        return self.vae.decode(z).float()
