@@ -1,0 +1,88 @@
+"""Tiny random upscaler state dicts in each on-disk key layout, written independently of the model code."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+
+def _conv(sd: StateDict, key: str, cin: int, cout: int, gen: torch.Generator) -> None:
+    sd[f"{key}.weight"] = torch.randn(cout, cin, 3, 3, generator=gen) * 0.05
+    sd[f"{key}.bias"] = torch.randn(cout, generator=gen) * 0.01
+
+
+def make_old_esrgan(nf: int = 8, nb: int = 1, gc: int = 4, n_up: int = 2, in_ch: int = 3, seed: int = 0) -> StateDict:
+    """Original ESRGAN: a flattened nn.Sequential [conv, trunk, (upsample, conv, lrelu)*n, conv, lrelu, conv]."""
+    gen = torch.Generator().manual_seed(seed)
+    sd: StateDict = {}
+    _conv(sd, "model.0", in_ch, nf, gen)
+    for i in range(nb):
+        for r in (1, 2, 3):
+            for j in range(1, 6):
+                _conv(sd, f"model.1.sub.{i}.RDB{r}.conv{j}.0", nf + (j - 1) * gc, gc if j < 5 else nf, gen)
+    _conv(sd, f"model.1.sub.{nb}", nf, nf, gen)
+    for u in range(n_up):
+        _conv(sd, f"model.{3 + 3 * u}", nf, nf, gen)
+    _conv(sd, f"model.{2 + 3 * n_up}", nf, nf, gen)
+    _conv(sd, f"model.{4 + 3 * n_up}", nf, 3, gen)
+    return sd
+
+
+def old_to_realesrgan(sd: StateDict, nb: int, n_up: int) -> StateDict:
+    """The same tensors under Real-ESRGAN (BasicSR) names."""
+    out: StateDict = {}
+    for key, value in sd.items():
+        parts = key.split(".")
+        kind = parts[-1]
+        if key.startswith("model.1.sub.") and ".RDB" in key:
+            i, rdb, conv = parts[3], parts[4][3:], parts[5]
+            out[f"body.{i}.rdb{rdb}.{conv}.{kind}"] = value
+        elif key.startswith(f"model.1.sub.{nb}."):
+            out[f"conv_body.{kind}"] = value
+        else:
+            idx = int(parts[1])
+            if idx == 0:
+                name = "conv_first"
+            elif idx == 2 + 3 * n_up:
+                name = "conv_hr"
+            elif idx == 4 + 3 * n_up:
+                name = "conv_last"
+            else:
+                name = f"conv_up{(idx - 3) // 3 + 1}"
+            out[f"{name}.{kind}"] = value
+    return out
+
+
+def make_compact(nf: int = 8, num_conv: int = 2, scale: int = 4, seed: int = 0) -> StateDict:
+    """SRVGGNetCompact: convs at even body indices, PReLU slopes at odd ones."""
+    gen = torch.Generator().manual_seed(seed)
+    sd: StateDict = {}
+    _conv(sd, "body.0", 3, nf, gen)
+    sd["body.1.weight"] = torch.full((nf,), 0.25)
+    for i in range(num_conv):
+        _conv(sd, f"body.{2 + 2 * i}", nf, nf, gen)
+        sd[f"body.{3 + 2 * i}.weight"] = torch.full((nf,), 0.25)
+    _conv(sd, f"body.{2 + 2 * num_conv}", nf, 3 * scale * scale, gen)
+    return sd
+
+
+@pytest.fixture
+def old_esrgan() -> Callable[..., StateDict]:
+    return make_old_esrgan
+
+
+@pytest.fixture
+def realesrgan() -> Callable[..., StateDict]:
+    def build(nf: int = 8, nb: int = 1, gc: int = 4, n_up: int = 2, in_ch: int = 3, seed: int = 0) -> StateDict:
+        return old_to_realesrgan(make_old_esrgan(nf, nb, gc, n_up, in_ch, seed), nb, n_up)
+
+    return build
+
+
+@pytest.fixture
+def compact_sd() -> Callable[..., StateDict]:
+    return make_compact
