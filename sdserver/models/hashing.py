@@ -27,13 +27,13 @@ def sha256_file(path: Path, chunk_size: int = _CHUNK) -> str:
     return digest.hexdigest()
 
 
-def legacy_hash(path: Path) -> str:
-    """A1111's old 8-digit "model hash": sha256 of the 64 KiB at offset 1 MiB (cheap, collision-prone)."""
-    digest = hashlib.sha256()
+def legacy_hash(path: Path) -> str | None:
+    """A1111's old 8-digit "model hash": sha256 of the 64 KiB at offset 1 MiB (cheap, collision-prone).
+    None for files too small to have data there: every such file would share one hash."""
     with open(path, "rb") as f:
         f.seek(0x100000)
-        digest.update(f.read(0x10000))
-    return digest.hexdigest()[:8]
+        block = f.read(0x10000)
+    return hashlib.sha256(block).hexdigest()[:8] if block else None
 
 
 class HashCache:

@@ -23,6 +23,9 @@ def test_streamed_sha256_matches_hashlib(blob: Path) -> None:
 def test_legacy_hash_is_a1111s_8_digits(blob: Path) -> None:
     data = blob.read_bytes()
     assert legacy_hash(blob) == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    small = blob.with_name("small.ckpt")
+    small.write_bytes(b"x" * 1000)
+    assert legacy_hash(small) is None
 
 
 def test_cache_avoids_rereading_and_survives_restart(tmp_path: Path, blob: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,229 @@
+"""`ModelManager`: the one owner of checkpoint listings and loaded models.
+
+Loading runs on the caller's thread (the engine's worker); listings may be read from the HTTP thread, so all
+state sits behind a lock that is never held while a file is read. Models are kept in an LRU of `limit`
+entries. A load is validated against the file's shapes before any tensor is read, and the previous model
+stays current until the new one is fully built, so a failed load changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from sdserver.engine.types import CheckpointInfo
+from sdserver.errors import ModelLoadError, NoModelAvailable
+from sdserver.models import catalog
+from sdserver.models.build import build_model, check_component, component_modules
+from sdserver.models.families import FamilyMatch, detect
+from sdserver.models.files import load_state_dict, read_metadata, read_shapes
+from sdserver.models.hashing import HashCache
+from sdserver.models.sd_model import SDModel
+from sdserver.models.tokenizer import CLIPTokenizer
+
+
+def validate_file(path: Path) -> FamilyMatch:
+    """Detect the family of a checkpoint file and check every tensor's key and shape, reading no data."""
+    shapes = read_shapes(path)
+    match = detect(shapes, read_metadata(path))
+    parts = match.family.split(shapes)
+    problems: list[str] = []
+    for name, module in component_modules(match.spec).items():
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        shapes_of = dataclasses.replace(
+            parts[name], entries=match.family.convert_shapes(name, dict(parts[name]))
+        )
+        problems += check_component(name, expected, shapes_of)
+    if problems:
+        raise ModelLoadError(f"checkpoint doesn't fit the {match.family.name} architecture: " + "; ".join(problems))
+    return match
+
+
+def load_checkpoint(
+    path: Path, dtype: torch.dtype, device: torch.device, tokenizer: CLIPTokenizer | None = None
+) -> SDModel:
+    """Read, detect, validate and build one checkpoint file."""
+    match = validate_file(path)
+    state_dict = load_state_dict(path, device="cpu")
+    return build_model(state_dict, match, dtype, device, tokenizer)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class ModelManager:
+    """Scans checkpoint folders, loads, caches and unloads models. Nothing else holds "the current model"."""
+
+    def __init__(
+        self,
+        checkpoint_dirs: list[Path],
+        extra_checkpoint: Path | None,
+        cache_path: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        limit: int = 1,
+        *,
+        hash_on_scan: bool = True,
+        hashing: bool = True,
+    ) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.checkpoint_dirs = [Path(d) for d in checkpoint_dirs]
+        self.extra_checkpoint = Path(extra_checkpoint) if extra_checkpoint else None
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.limit = limit
+        self._hash_on_scan = hash_on_scan and hashing
+        self._hashing = hashing
+        self._cache = HashCache(cache_path)
+        self._lock = threading.RLock()
+        self._infos: list[CheckpointInfo] | None = None
+        self._aliases: dict[str, CheckpointInfo] = {}
+        self._loaded: OrderedDict[str, tuple[CheckpointInfo, SDModel]] = OrderedDict()  # filename → entry
+        self._current: str | None = None
+        self._last: CheckpointInfo | None = None  # what `reload` brings back after `unload`
+        self._tokenizer: CLIPTokenizer | None = None
+
+    # listings
+
+    def refresh(self) -> None:
+        """Rescan the folders (hashing new files when hashing on scan)."""
+        infos = catalog.scan(
+            self.checkpoint_dirs, self.extra_checkpoint, self._cache, compute_hashes=self._hash_on_scan
+        )
+        table = catalog.alias_table(infos)
+        with self._lock:
+            self._infos, self._aliases = infos, table
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        with self._lock:
+            if self._infos is not None:
+                return list(self._infos)
+        self.refresh()
+        with self._lock:
+            return list(self._infos or [])
+
+    def resolve(self, name: str) -> CheckpointInfo:
+        """The checkpoint named by any A1111 alias; raises ModelNotFound naming `name`."""
+        self.checkpoints()
+        with self._lock:
+            return catalog.resolve(self._aliases, name)
+
+    def default_checkpoint(self) -> CheckpointInfo:
+        """The checkpoint to load when none is chosen: the one given directly, else the first listed."""
+        infos = self.checkpoints()
+        if not infos:
+            raise NoModelAvailable(self._no_model_message())
+        if self.extra_checkpoint is not None:
+            wanted = str(self.extra_checkpoint.resolve())
+            return next((i for i in infos if str(Path(i.filename).resolve()) == wanted), infos[0])
+        return infos[0]
+
+    def _no_model_message(self) -> str:
+        folders = ", ".join(str(d) for d in self.checkpoint_dirs) or "models/Stable-diffusion"
+        return f"no checkpoint found: put a .safetensors or .ckpt Stable Diffusion checkpoint into {folders}"
+
+    # loaded models
+
+    @property
+    def current(self) -> SDModel | None:
+        with self._lock:
+            entry = self._loaded.get(self._current) if self._current else None
+            return entry[1] if entry else None
+
+    @property
+    def current_info(self) -> CheckpointInfo | None:
+        with self._lock:
+            entry = self._loaded.get(self._current) if self._current else None
+            return entry[0] if entry else None
+
+    def loaded(self) -> list[CheckpointInfo]:
+        """Cached models, least recently used first."""
+        with self._lock:
+            return [info for info, _ in self._loaded.values()]
+
+    def ensure_loaded(self) -> SDModel:
+        """The current model, loading the default checkpoint when none is loaded."""
+        return self.current or self.load(self.default_checkpoint())
+
+    def load(self, name_or_info: str | CheckpointInfo) -> SDModel:
+        """Make a checkpoint current, from the cache or from disk. On failure the previous model stays current
+        and ModelLoadError names the file."""
+        if not self.checkpoints() and isinstance(name_or_info, str):
+            raise NoModelAvailable(self._no_model_message())
+        info = self.resolve(name_or_info) if isinstance(name_or_info, str) else name_or_info
+        with self._lock:
+            if info.filename in self._loaded:
+                self._loaded.move_to_end(info.filename)
+                self._current = info.filename
+                return self._loaded[info.filename][1]
+        model = self._read(info)
+        if self._hashing and info.sha256 is None:
+            info = self._hash(info)
+        self._install(info, model)
+        return model
+
+    def _install(self, info: CheckpointInfo, model: SDModel) -> None:
+        with self._lock:
+            self._loaded[info.filename] = (info, model)
+            self._loaded.move_to_end(info.filename)
+            self._current = info.filename
+            evicted = len(self._loaded) > self.limit
+            while len(self._loaded) > self.limit:
+                self._loaded.popitem(last=False)
+        if evicted:
+            free_memory()
+
+    def _read(self, info: CheckpointInfo) -> SDModel:
+        path = Path(info.filename)
+        try:
+            return load_checkpoint(path, self.dtype, self.device, self._get_tokenizer())
+        except ModelLoadError as exc:
+            message = exc.message if str(path) in exc.message else f"{path}: {exc.message}"
+            raise type(exc)(message, field=exc.field) from exc
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ModelLoadError(f"{path}: can't load checkpoint: {exc}") from exc
+        finally:
+            # A failed build leaves large temporaries behind.
+            gc.collect()
+
+    def _hash(self, info: CheckpointInfo) -> CheckpointInfo:
+        hashed = catalog.hash_info(info, self._cache)
+        with self._lock:
+            if self._infos is not None:
+                self._infos = [hashed if i.filename == info.filename else i for i in self._infos]
+                self._aliases = catalog.alias_table(self._infos)
+        return hashed
+
+    def _get_tokenizer(self) -> CLIPTokenizer:
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = CLIPTokenizer.load()
+            return self._tokenizer
+
+    def unload(self) -> None:
+        """Drop every loaded model and free its memory; `reload` brings the current one back."""
+        with self._lock:
+            if self._current is not None and self._current in self._loaded:
+                self._last = self._loaded[self._current][0]
+            self._loaded.clear()
+            self._current = None
+        free_memory()
+
+    def reload(self) -> SDModel | None:
+        """Re-read the current (or last unloaded) checkpoint from disk; None when there was none."""
+        with self._lock:
+            info = self._loaded[self._current][0] if self._current in self._loaded else self._last
+        if info is None:
+            return None
+        model = self._read(info)
+        self._install(info, model)
+        return model
