@@ -35,6 +35,16 @@ def fake_result(gen: GenerationRequest, *, model_name="v1-5-pruned-emaonly", mod
 
 
 @pytest.fixture
+def make_png() -> Callable[..., str]:
+    return png_b64
+
+
+@pytest.fixture
+def make_result() -> Callable[..., GenerationResult]:
+    return fake_result
+
+
+@pytest.fixture
 def seed_source() -> Callable[[], int]:
     """Deterministic 'random' seeds: 1000, 1001, ..."""
     counter = itertools.count(1000)
