@@ -60,6 +60,7 @@ class JobInfo:
     result: Any = None
     error: BaseException | None = None
     request: GenerationRequest | None = None
+    context: Any = None  # whatever the submitter attached (the HTTP edge keeps its original request here)
 
     def fraction(self) -> float:
         """Share of the job done, 0..1, without A1111's 0.01 offset."""
@@ -93,6 +94,7 @@ class Job:
     timestamp: str
     pass_count: int = 1
     request: GenerationRequest | None = None
+    context: Any = None
     state: JobState = JobState.QUEUED
     version: int = 0
     started_at: float | None = None
@@ -135,4 +137,5 @@ class Job:
             result=self.result,
             error=self.error,
             request=self.request,
+            context=self.context,
         )

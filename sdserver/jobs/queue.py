@@ -160,6 +160,7 @@ class JobQueue:
         job_id: str | None = None,
         request: GenerationRequest | None = None,
         passes: int = 1,
+        context: Any = None,
     ) -> JobInfo:
         """Queue `work(engine, control)`. Raises QueueFull when the queue is full or shutting down."""
         with self._lock:
@@ -186,6 +187,7 @@ class JobQueue:
                 timestamp=_timestamp(),
                 pass_count=max(passes, 1),
                 request=request,
+                context=context,
             )
             self._jobs[job_id] = job
             self._pending.append(job)
@@ -193,7 +195,12 @@ class JobQueue:
             return job.view(len(self._pending) - 1)
 
     def submit_generation(
-        self, request: GenerationRequest, *, name: str = "generate", job_id: str | None = None
+        self,
+        request: GenerationRequest,
+        *,
+        name: str = "generate",
+        job_id: str | None = None,
+        context: Any = None,
     ) -> JobInfo:
         """Queue a txt2img/img2img generation; its result is the engine's GenerationResult."""
 
@@ -201,7 +208,13 @@ class JobQueue:
             return engine.generate(request, control)
 
         return self.submit(
-            generate, kind=JobKind.GENERATE, name=name, job_id=job_id, request=request, passes=request.n_iter
+            generate,
+            kind=JobKind.GENERATE,
+            name=name,
+            job_id=job_id,
+            request=request,
+            passes=request.n_iter,
+            context=context,
         )
 
     # ----------------------------------------------------------------------------------------- acting on jobs
@@ -248,6 +261,13 @@ class JobQueue:
     def pending_ids(self) -> list[str]:
         with self._lock:
             return [job.id for job in self._pending]
+
+    def completed_ids(self, limit: int = 16) -> list[str]:
+        """The ids of the last `limit` finished jobs, oldest first (A1111 remembers 16)."""
+        with self._lock:
+            self._purge()
+            recent = list(self._finished)[-limit:] if limit > 0 else []
+            return [job.id for job in recent if self._jobs.get(job.id) is job]
 
     def snapshot(self) -> ProgressSnapshot:
         """A1111's global progress: the (first) running job, with job_count counting queued jobs too."""
