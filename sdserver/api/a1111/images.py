@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import re
 import warnings
 
@@ -129,3 +130,28 @@ def encode_image(
             kwargs["exif"] = _exif_with_comment(text)
         out.save(buffer, format=pil_format, **kwargs)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def grid_rows(count: int, batch_size: int, n_rows: int = -1, prevent_empty_spots: bool = False) -> int:
+    """A1111's grid row count: `n_rows` when set, the batch size for 0, else about the square root."""
+    if n_rows > 0:
+        rows = n_rows
+    elif n_rows == 0:
+        rows = batch_size
+    elif prevent_empty_spots:
+        rows = max(math.floor(math.sqrt(count)), 1)
+        while count % rows != 0:
+            rows -= 1
+    else:
+        rows = round(math.sqrt(count))
+    return max(min(rows, count), 1)
+
+
+def image_grid(images: list[Image.Image], rows: int) -> Image.Image:
+    """Images laid left to right, top to bottom, on black, each cell the first image's size."""
+    width, height = images[0].size
+    cols = math.ceil(len(images) / rows)
+    grid = Image.new("RGB", (cols * width, rows * height), "black")
+    for i, img in enumerate(images):
+        grid.paste(img.convert("RGB"), box=(i % cols * width, i // cols * height))
+    return grid

@@ -100,6 +100,12 @@ class GenerationRequestBase(A1111Model):
     def _seed(cls, value: Any) -> Any:
         return _lenient_seed(value)
 
+    @field_validator("styles", mode="before")
+    @classmethod
+    def _styles(cls, value: Any) -> Any:
+        # A single style name is a list of one; A1111's pydantic 1 accepted that too.
+        return [value] if isinstance(value, str) else value
+
 
 class Txt2ImgRequest(GenerationRequestBase):
     """`POST /sdapi/v1/txt2img` (A1111's StableDiffusionTxt2ImgProcessingAPI)."""

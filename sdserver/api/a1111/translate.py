@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 from PIL import Image
 
 from sdserver.api.a1111 import names
-from sdserver.api.a1111.images import encode_image, flatten, mask_to_l
+from sdserver.api.a1111.images import encode_image, flatten, grid_rows, image_grid, mask_to_l
 from sdserver.api.a1111.infotext import FIXED_KEYS_AFTER, FIXED_KEYS_BEFORE, create_infotext, generation_params
 from sdserver.api.a1111.infotext import parse_infotext
 from sdserver.api.a1111.options import EMPHASIS_MODES, RANDN_SOURCES, coerce_option
@@ -529,6 +529,11 @@ def _echo_parameters(req: GenerationRequestBase) -> dict[str, Any]:
     return params
 
 
+def _wants_grid(req: GenerationRequestBase, opts: Mapping[str, Any], count: int) -> bool:
+    minimum = 2 if opts.get("grid_only_if_multiple", True) else 1
+    return bool(req.save_images and opts.get("return_grid", True) and count >= minimum)
+
+
 def _denoising_for_info(req: GenerationRequestBase, gen: GenerationRequest) -> float | None:
     if gen.is_img2img:
         return gen.denoising_strength
@@ -556,18 +561,29 @@ def generation_response(
         params = generation_params(gen, result, opts, seed=image.seed, subseed=image.subseed, version=version)
         first_params = first_params or params
         infotexts.append(create_infotext(image.prompt, image.negative_prompt, params))
-    if first_params is None:
+    if first_params is None or first_params["Seed"] != all_seeds[0]:
         first_params = generation_params(gen, result, opts, seed=all_seeds[0], subseed=all_subseeds[0],
                                          version=version)
+
+    pictures = [image.image for image in result.images]
+    index_of_first_image = 0
+    if _wants_grid(req, opts, len(pictures)):
+        # A1111 prepends a grid when the request saves images and `return_grid` is on; its infotext is the
+        # job's main one (first seed).
+        rows = grid_rows(len(pictures), gen.batch_size, int(opts.get("n_rows", -1)),
+                         bool(opts.get("grid_prevent_empty_spots", False)))
+        pictures.insert(0, image_grid(pictures, rows))
+        infotexts.insert(0, create_infotext(gen.prompt, gen.negative_prompt, first_params))
+        index_of_first_image = 1
 
     images: list[str] = []
     if req.send_images:
         fmt = str(opts.get("samples_format", "png"))
         embed = bool(opts.get("enable_pnginfo", True))
         images = [
-            encode_image(image.image, fmt, text if embed else None, int(opts.get("jpeg_quality", 80)),
+            encode_image(picture, fmt, text if embed else None, int(opts.get("jpeg_quality", 80)),
                          lossless=bool(opts.get("webp_lossless", False)))
-            for image, text in zip(result.images, infotexts)
+            for picture, text in zip(pictures, infotexts)
         ]
 
     restore_faces = bool(req.restore_faces)
@@ -599,7 +615,7 @@ def generation_response(
         "extra_generation_params": {
             k: v for k, v in first_params.items() if k not in _INFO_FIXED and v is not None
         },
-        "index_of_first_image": 0,
+        "index_of_first_image": index_of_first_image,
         "infotexts": infotexts,
         "styles": list(req.styles or []),
         "job_timestamp": str(job_timestamp),

@@ -114,3 +114,23 @@ def test_flatten_and_mask_helpers():
     half = Image.new("RGBA", (2, 2), (0, 0, 0, 255))
     half.putpixel((0, 0), (0, 0, 0, 0))
     assert mask_to_l(half).getpixel((0, 0)) == 0 and mask_to_l(half).getpixel((1, 1)) == 255
+
+
+@pytest.mark.parametrize("count,batch,n_rows,prevent,rows", [
+    (4, 2, -1, False, 2), (2, 2, -1, False, 1), (3, 3, -1, False, 2), (6, 3, 0, False, 3), (5, 1, 3, False, 3),
+    (6, 6, -1, True, 2), (7, 7, -1, True, 1), (2, 1, 5, False, 2),
+])
+def test_grid_rows(count, batch, n_rows, prevent, rows):
+    from sdserver.api.a1111.images import grid_rows
+
+    assert grid_rows(count, batch, n_rows, prevent) == rows
+
+
+def test_image_grid_layout():
+    from sdserver.api.a1111.images import image_grid
+
+    cells = [Image.new("RGB", (4, 2), (i * 50, 0, 0)) for i in range(3)]
+    grid = image_grid(cells, rows=2)
+    assert grid.size == (8, 4)
+    assert grid.getpixel((4, 0)) == (50, 0, 0) and grid.getpixel((0, 2)) == (100, 0, 0)
+    assert grid.getpixel((4, 2)) == (0, 0, 0)

@@ -132,3 +132,24 @@ def test_img2img_response_nulls_init_images_unless_asked(seed_source, make_resul
         assert info["denoising_strength"] == 0.75
         assert "Denoising strength: 0.75" in info["infotexts"][0]
         assert "Inpaint area: Only masked" in info["infotexts"][0]
+
+
+def test_save_images_prepends_a1111_grid(seed_source, make_result):
+    _, _, out = _run({"batch_size": 2, "n_iter": 2, "seed": 7, "save_images": True, "width": 16, "height": 8},
+                     seed_source, make_result)
+    info = json.loads(out["info"])
+    assert info["index_of_first_image"] == 1 and len(out["images"]) == 5 == len(info["infotexts"])
+    grid = Image.open(io.BytesIO(base64.b64decode(out["images"][0])))
+    assert grid.size == (32, 16)  # 4 images: round(sqrt(4)) = 2 rows, 2 columns
+    assert grid.info["parameters"] == info["infotexts"][0] and "Seed: 7," in info["infotexts"][0]
+    assert "Seed: 7," in info["infotexts"][1] and "Seed: 10," in info["infotexts"][4]
+
+
+def test_no_grid_without_save_images_or_for_one_image(seed_source, make_result):
+    _, _, out = _run({"batch_size": 2}, seed_source, make_result)
+    assert json.loads(out["info"])["index_of_first_image"] == 0 and len(out["images"]) == 2
+    _, _, out = _run({"save_images": True}, seed_source, make_result)
+    assert len(out["images"]) == 1
+    options = default_options() | {"return_grid": False}
+    _, _, out = _run({"batch_size": 2, "save_images": True}, seed_source, make_result, options)
+    assert len(out["images"]) == 2

@@ -55,3 +55,7 @@ def test_response_models_dump_every_key():
         "active", "queued", "completed", "progress", "eta", "live_preview", "id_live_preview", "textinfo"}
     assert schemas.MemoryResponse(ram={}, cuda={"error": "unavailable"}).model_dump()["cuda"] == {
         "error": "unavailable"}
+
+
+def test_single_style_string_is_a_list():
+    assert schemas.Txt2ImgRequest.model_validate({"styles": "cinematic"}).styles == ["cinematic"]
