@@ -11,11 +11,14 @@ pipeline composes them:
                     image/mask crops resized with resize_image(2, ...); overlay_mask = mask_for_overlay(mask, full_res=True)
     inpainting_fill 0: image = fill_masked(image, mask)
     after decoding: apply_overlay(generated, image, overlay_mask) or paste_back(original, generated, region, mask)
+
+`prepare_img2img_images` / `finish_img2img_image` compose exactly that sequence, in A1111's order.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -140,10 +143,13 @@ def _blur_axis(arr: np.ndarray, sigma: float, axis: int) -> np.ndarray:
     pad[axis] = (radius, radius)
     # numpy's "reflect" mirrors without repeating the edge pixel: OpenCV's default BORDER_REFLECT_101.
     padded = np.pad(arr.astype(np.float64), pad, mode="reflect")
-    out = np.zeros(arr.shape, dtype=np.float64)
-    n = arr.shape[axis]
-    for i, weight in enumerate(kernel):
-        out += weight * np.take(padded, np.arange(i, i + n), axis=axis)
+    # Convolve through the FFT: blur 64 has a 321-tap kernel, which a direct sum makes slow on big masks.
+    n_fft = 1 << (padded.shape[axis] + size - 2).bit_length()
+    spectrum = np.fft.rfft(padded, n_fft, axis=axis)
+    shape = [1] * arr.ndim
+    shape[axis] = -1
+    full = np.fft.irfft(spectrum * np.fft.rfft(kernel, n_fft).reshape(shape), n_fft, axis=axis)
+    out = np.take(full, np.arange(size - 1, size - 1 + arr.shape[axis]), axis=axis)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -240,13 +246,19 @@ def apply_overlay(generated: Image.Image, original: Image.Image, overlay_mask: I
     return out.convert("RGB")
 
 
-def paste_back(original: Image.Image, generated_crop: Image.Image, region: Region, mask: Image.Image) -> Image.Image:
-    """"Only masked" inpainting's result: the generated crop resized into `region` of the original (crop and
-    resize, Lanczos) and overlaid with the original through `mask` (the prepared mask at the original's size).
-    The output has the original's size; pixels where the mask is 0 are the original's."""
+def _uncrop(generated: Image.Image, size: tuple[int, int], region: Region) -> Image.Image:
+    """A transparent RGBA canvas of `size` with `generated` crop-and-resized (Lanczos) into `region`."""
     x1, y1, x2, y2 = region
-    base = Image.new("RGBA", original.size)
-    base.paste(resize_image(1, generated_crop.convert("RGB"), x2 - x1, y2 - y1), (x1, y1))
+    base = Image.new("RGBA", size)
+    base.paste(resize_image(1, generated.convert("RGB"), x2 - x1, y2 - y1), (x1, y1))
+    return base
+
+
+def paste_back(original: Image.Image, generated_crop: Image.Image, region: Region, mask: Image.Image) -> Image.Image:
+    """"Only masked" inpainting's result: the generated crop resized into `region` of the original and overlaid
+    with the original through `mask` (the prepared mask at the original's size). The output has the original's
+    size; pixels where the mask is 0 are the original's."""
+    base = _uncrop(generated_crop, original.size, region)
     base.alpha_composite(make_overlay(original, mask_for_overlay(mask, full_res=True)))
     return base.convert("RGB")
 
@@ -264,3 +276,100 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
         for _ in range(times):
             out.alpha_composite(layer)
     return out.convert("RGB")
+
+
+# -- composition: A1111's img2img image preparation and finishing ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Img2ImgImages:
+    """The pixel side of an img2img / inpainting job, prepared as A1111's StableDiffusionProcessingImg2Img.init.
+
+    `images` go to the VAE encoder (width × height, except with resize_mode 3, where the caller resizes the latent).
+    `mask` (mode L, processing size) feeds `latent_mask` and inpainting-model conditioning; None means plain img2img.
+    `overlays` (RGBA, one per image) restore the input's unmasked pixels after decoding; `paste_region` is set for
+    "only masked" inpainting, whose result is pasted back into the original-size image.
+    """
+
+    images: tuple[Image.Image, ...]
+    mask: Image.Image | None = None
+    overlays: tuple[Image.Image, ...] | None = None
+    paste_region: Region | None = None
+    empty_mask_fallback: bool = False  # "only masked" with a blank mask: A1111 falls back to plain img2img
+
+
+def prepare_img2img_images(
+    init_images: Sequence[Image.Image],
+    width: int,
+    height: int,
+    *,
+    resize_mode: int = 0,
+    mask: Image.Image | None = None,
+    blur_x: float = 4,
+    blur_y: float = 4,
+    invert: bool = False,
+    fill: int = 1,
+    full_res: bool = False,
+    padding: int = 0,
+    round: bool = True,
+    background: str = "#ffffff",
+    upscaler_fn: UpscalerFn | None = None,
+) -> Img2ImgImages:
+    """Init images and mask → the job's pixel inputs. `fill` 0 fills the masked area from its surroundings; the
+    latent fills (2 noise, 3 nothing) are the caller's, on the latent."""
+    region: Region | None = None
+    proc_mask: Image.Image | None = None
+    overlay_mask: Image.Image | None = None
+    fallback = False
+    if mask is not None:
+        prepared = prepare_mask(mask, invert=invert, blur_x=blur_x, blur_y=blur_y, round=round)
+        if full_res:
+            found = crop_region(prepared, padding)
+            if found is None:
+                fallback = True
+            else:
+                region = expand_to_aspect(found, width, height, prepared.width, prepared.height)
+                proc_mask = resize_image(2, prepared.crop(region), width, height)
+                overlay_mask = mask_for_overlay(prepared, full_res=True)
+        else:
+            proc_mask = resize_image(resize_mode, prepared, width, height)
+            overlay_mask = mask_for_overlay(proc_mask, full_res=False)
+
+    images: list[Image.Image] = []
+    overlays: list[Image.Image] = []
+    for init in init_images:
+        image = flatten_alpha(init, background)
+        if region is None and resize_mode != 3:
+            image = resize_image(resize_mode, image, width, height, upscaler_fn)
+        if overlay_mask is not None:
+            if overlay_mask.size != image.size:
+                overlay_mask = resize_image(resize_mode, overlay_mask, image.width, image.height)
+            overlays.append(make_overlay(image, overlay_mask))
+        if region is not None:
+            image = resize_image(2, image.crop(region), width, height, upscaler_fn)
+        if proc_mask is not None and fill != 1:
+            # resize_mode 3 leaves the image at its own size (A1111 would fail here); fill at that size.
+            fill_mask = proc_mask if proc_mask.size == image.size else proc_mask.resize(image.size, LANCZOS)
+            image = fill_masked(image, fill_mask)
+        images.append(image)
+    return Img2ImgImages(
+        images=tuple(images),
+        mask=proc_mask,
+        overlays=tuple(overlays) if proc_mask is not None else None,
+        paste_region=region,
+        empty_mask_fallback=fallback,
+    )
+
+
+def finish_img2img_image(generated: Image.Image, prepared: Img2ImgImages, index: int) -> Image.Image:
+    """A decoded result with the input's unmasked pixels restored (and, for "only masked", pasted back into the
+    original-size image). Without a mask the image is returned as is."""
+    if prepared.overlays is None:
+        return generated
+    overlay = prepared.overlays[index % len(prepared.overlays)]
+    if prepared.paste_region is not None:
+        base = _uncrop(generated, overlay.size, prepared.paste_region)
+    else:
+        base = generated.convert("RGBA")
+    base.alpha_composite(overlay)
+    return base.convert("RGB")

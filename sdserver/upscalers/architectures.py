@@ -54,10 +54,12 @@ def build(sd: Mapping[str, torch.Tensor], *, source: str, field: str) -> nn.Modu
     `source` names the file in messages; `field` is the request field that chose it.
     """
     arch = detect(frozenset(sd))
-    if arch is Architecture.ESRGAN:
-        return esrgan.build_rrdbnet(sd)
-    if arch is Architecture.COMPACT:
-        return compact.build_compact(sd)
+    builders = {Architecture.ESRGAN: esrgan.build_rrdbnet, Architecture.COMPACT: compact.build_compact}
+    if arch in builders:
+        try:
+            return builders[arch](sd)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{source}: {exc.message}", field=field) from None
     if arch in (Architecture.SWINIR, Architecture.DAT):
         raise UnsupportedFeature(
             f"{source} is a {arch} model; the {arch} architecture is not implemented in sdserver "

@@ -219,3 +219,57 @@ def test_fill_replaces_masked_content_with_surrounding_colour():
     inside = out[m == 255]
     assert (inside[:, 0] > inside[:, 2]).all()  # reddish, from the left half around it
     assert (inside[:, 1] < 120).all()  # the green patch is gone
+
+
+# -- composition ---------------------------------------------------------------------------------------------
+
+
+def test_prepare_without_mask_is_plain_resize():
+    prepared = ops.prepare_img2img_images([_noise(40, 30)], 32, 24, resize_mode=1)
+    assert [i.size for i in prepared.images] == [(32, 24)]
+    assert prepared.mask is None and prepared.overlays is None
+    generated = _noise(32, 24, seed=9)
+    assert ops.finish_img2img_image(generated, prepared, 0) is generated
+
+
+def test_prepare_resize_mode_3_leaves_the_image_for_latent_resizing():
+    prepared = ops.prepare_img2img_images([_noise(40, 30)], 64, 48, resize_mode=3)
+    assert prepared.images[0].size == (40, 30)
+
+
+def test_whole_picture_inpaint_keeps_pixels_outside_the_doubled_mask():
+    init = _noise(64, 48, seed=5)
+    raw = _blob_mask(64, 48, (20, 12, 44, 36))
+    prepared = ops.prepare_img2img_images([init], 64, 48, mask=raw, blur_x=2, blur_y=2)
+    assert prepared.mask.size == (64, 48) and prepared.paste_region is None
+    out = np.asarray(ops.finish_img2img_image(_noise(64, 48, seed=6), prepared, 0))
+    untouched = np.asarray(prepared.mask) == 0
+    assert (out[untouched] == np.asarray(init)[untouched]).all()
+    assert (out[~untouched] != np.asarray(init)[~untouched]).any()
+
+
+def test_only_masked_inpaint_round_trip():
+    init = _noise(96, 64, seed=7)
+    raw = _blob_mask(96, 64, (40, 20, 60, 40))
+    prepared = ops.prepare_img2img_images([init, _noise(96, 64, seed=8)], 32, 32, mask=raw, full_res=True,
+                                          padding=4, fill=0)
+    assert [i.size for i in prepared.images] == [(32, 32), (32, 32)]
+    assert prepared.mask.size == (32, 32)
+    x1, y1, x2, y2 = prepared.paste_region
+    assert x2 - x1 == y2 - y1
+    blurred = np.asarray(ops.prepare_mask(raw, invert=False, blur_x=4, blur_y=4, round=True))
+    out = ops.finish_img2img_image(_noise(32, 32, seed=10), prepared, 0)
+    assert out.size == (96, 64)
+    assert (np.asarray(out)[blurred == 0] == np.asarray(init)[blurred == 0]).all()
+
+
+def test_only_masked_with_blank_mask_falls_back():
+    prepared = ops.prepare_img2img_images([_noise(40, 40)], 32, 32, mask=Image.new("L", (40, 40)), full_res=True)
+    assert prepared.empty_mask_fallback and prepared.mask is None and prepared.overlays is None
+    assert prepared.images[0].size == (32, 32)
+
+
+def test_fill_with_latent_resize_mode_works_at_the_image_size():
+    raw = _blob_mask(40, 30, (10, 10, 30, 20))
+    prepared = ops.prepare_img2img_images([_noise(40, 30)], 64, 48, resize_mode=3, mask=raw, fill=0)
+    assert prepared.images[0].size == (40, 30) and prepared.mask.size == (64, 48)

@@ -214,3 +214,13 @@ def test_malicious_pth_is_refused_without_running(tmp_path):
         reg.upscale(_image(4, 4), 2, "evil", field="upscaler_1")
     assert err.value.field == "upscaler_1"
     assert not marker.exists()
+
+
+def test_mismatched_esrgan_file_names_file_and_field(tmp_path, old_esrgan):
+    dirs = _dirs(tmp_path)
+    sd = old_esrgan()
+    sd["model.1.sub.0.RDB1.conv2.0.weight"] = torch.zeros(4, 3, 3, 3)
+    save_file(sd, str(dirs["ESRGAN"][0] / "broken.safetensors"))
+    with pytest.raises(ModelLoadError) as err:
+        UpscalerRegistry(dirs).upscale(_image(4, 4), 2, "broken", field="upscaler_2")
+    assert err.value.field == "upscaler_2" and "broken.safetensors" in err.value.message
