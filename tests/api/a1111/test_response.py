@@ -1,6 +1,7 @@
 import base64
 import io
 import json
+from dataclasses import replace
 
 import pytest
 from PIL import Image
@@ -153,3 +154,32 @@ def test_no_grid_without_save_images_or_for_one_image(seed_source, make_result):
     options = default_options() | {"return_grid": False}
     _, _, out = _run({"batch_size": 2, "save_images": True}, seed_source, make_result, options)
     assert len(out["images"]) == 2
+
+
+def test_png_info_of_own_output_round_trips_into_the_same_request(seed_source, make_result):
+    """issue 5: /png-info of sdserver's output parses back to the request's fields (via the infotext field)."""
+    from sdserver.api.a1111.infotext import png_info
+
+    body = {"prompt": "a fox, (red:1.2)\nsecond line", "negative_prompt": "blurry, bad", "seed": 321,
+            "sampler_name": "Euler a", "scheduler": "karras", "steps": 13, "cfg_scale": 4.5,
+            "width": 48, "height": 32, "subseed": 5, "subseed_strength": 0.3,
+            "override_settings": {"CLIP_stop_at_last_layers": 2, "eta_noise_seed_delta": 31337}}
+    _, gen, out = _run(body, seed_source, make_result)
+    parsed = png_info(Image.open(io.BytesIO(base64.b64decode(out["images"][0]))))
+    assert parsed["parameters"]["Prompt"] == body["prompt"]
+    again = txt2img_request(Txt2ImgRequest.model_validate({"infotext": parsed["info"]}), default_options(),
+                            default_size=(64, 64), random_seed=seed_source)
+    assert again == gen
+
+
+def test_hires_request_round_trips_through_its_infotext(seed_source, make_result):
+    body = {"prompt": "castle", "seed": 9, "sampler_name": "DPM++ 2M SDE", "steps": 8, "width": 32, "height": 48,
+            "enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.35, "hr_second_pass_steps": 3,
+            "hr_sampler_name": "Euler", "hr_prompt": "castle, detailed", "hr_upscaler": "Latent (bicubic)"}
+    _, gen, out = _run(body, seed_source, make_result)
+    text = json.loads(out["info"])["infotexts"][0]
+    again = txt2img_request(Txt2ImgRequest.model_validate({"infotext": text}), default_options(),
+                            default_size=(64, 64), random_seed=seed_source)
+    assert again.hires == gen.hires
+    # the subseed is unused at strength 0, so the infotext leaves it out and a fresh random one is drawn
+    assert replace(again, seeds=replace(again.seeds, subseed=gen.seeds.subseed)) == gen
