@@ -11,8 +11,12 @@ from collections.abc import Mapping, Sequence
 from sdserver.errors import ModelLoadError
 from sdserver.models.family_base import Family, FamilyMatch, ModelSpec
 from sdserver.models.family_sd1 import SD1Family
+from sdserver.models.family_sd2 import SD2Family
+from sdserver.models.family_sdxl import SDXLFamily
 
-REGISTRY: tuple[Family, ...] = (SD1Family(),)
+# Markers are disjoint today (CLIP-L vs OpenCLIP text keys, label_emb), so the order only matters for families
+# added later that extend one of these layouts.
+REGISTRY: tuple[Family, ...] = (SDXLFamily(), SD2Family(), SD1Family())
 
 __all__ = ["REGISTRY", "Family", "FamilyMatch", "ModelSpec", "detect", "family_named"]
 

@@ -36,11 +36,15 @@ class ModelSpec:
     vae: VAEConfig
     text_encoders: tuple[TextEncoderConfig, ...]
     prediction_type: str = "eps"  # "eps" or "v"
+    # Where prediction_type came from: default, metadata, marker, yaml, override or heuristic.
+    prediction_source: str = "default"
     default_size: tuple[int, int] = (512, 512)
     # Whether the UNet takes the pooled text embedding (SDXL); SD 1.x/2.x ignore it.
     uses_pooled: bool = False
     # Whether the context is the encoder layer's raw output (SDXL) rather than the final-layer-normed one.
     final_layer_norm: bool = True
+    # The text layer a family always conditions on (2: penultimate), ignoring the user's clip skip; None: use it.
+    fixed_text_layer: int | None = None
 
     @property
     def is_inpainting(self) -> bool:
@@ -103,6 +107,10 @@ class Family(ABC):
             component: Component(prefix or self.default_prefixes[component], stripped)
             for component, (prefix, stripped) in found.items()
         }
+
+    def guess_prediction(self, state_dict: Mapping[str, torch.Tensor]) -> str | None:
+        """A guess from the weights for families whose eps and v variants look alike; None: keep the default."""
+        return None
 
     def convert(self, component: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Rewrite a component's tensors into the module layout; the identity for layouts that already match."""

@@ -8,6 +8,7 @@ from typing import ClassVar
 from sdserver.models import config_metadata as cm
 from sdserver.models import shapes as derive
 from sdserver.models.family_base import UNET, VAE, Family, ModelSpec, text_encoder_component
+from sdserver.models.prediction import declared_prediction
 
 TEXT = text_encoder_component(0)
 _UNET_MARKER = "model.diffusion_model.input_blocks.0.0.weight"
@@ -53,11 +54,13 @@ class SD1Family(Family):
         unet = derive.unet_config(parts[UNET], num_heads=SD1_NUM_HEADS)
         vae = derive.vae_config(parts[VAE])
         text = derive.clip_config(parts[TEXT])
+        prediction, source = declared_prediction(shapes, metadata) or ("eps", "default")
         return ModelSpec(
             family=self.name,
             unet=cm.apply_overrides(unet, doc.get("unet"), "unet"),
             vae=cm.apply_overrides(vae, doc.get("vae"), "vae"),
             text_encoders=(cm.apply_overrides(text, doc.get("text_encoder"), "text_encoder"),),
-            prediction_type=cm.prediction_type_of(doc, "eps"),
+            prediction_type=prediction,
+            prediction_source=source,
             default_size=cm.default_size_of(doc, (512, 512)),
         )

@@ -23,6 +23,7 @@ from sdserver.models.build import build_model, check_component, component_module
 from sdserver.models.families import FamilyMatch, detect
 from sdserver.models.files import load_state_dict, read_metadata, read_shapes
 from sdserver.models.hashing import HashCache
+from sdserver.models.prediction import resolve_prediction
 from sdserver.models.sd_model import SDModel
 from sdserver.models.tokenizer import CLIPTokenizer
 
@@ -45,12 +46,20 @@ def validate_file(path: Path) -> FamilyMatch:
 
 
 def load_checkpoint(
-    path: Path, dtype: torch.dtype, device: torch.device, tokenizer: CLIPTokenizer | None = None
+    path: Path,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    tokenizer: CLIPTokenizer | None = None,
+    *,
+    config: Path | None = None,
+    prediction_type: str | None = None,
 ) -> SDModel:
-    """Read, detect, validate and build one checkpoint file."""
+    """Read, detect, validate and build one checkpoint file. `config` is an LDM .yaml beside it (read for its
+    `parameterization`); `prediction_type` ("eps"/"v") overrides whatever the file says."""
     match = validate_file(path)
     state_dict = load_state_dict(path, device="cpu")
-    return build_model(state_dict, match, dtype, device, tokenizer)
+    match = resolve_prediction(match, state_dict, config, prediction_type)
+    return build_model(state_dict, match, dtype, torch.device(device), tokenizer)
 
 
 def free_memory() -> None:
@@ -73,6 +82,7 @@ class ModelManager:
         *,
         hash_on_scan: bool = True,
         hashing: bool = True,
+        prediction_overrides: dict[str, str] | None = None,
     ) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
@@ -81,6 +91,8 @@ class ModelManager:
         self.device = torch.device(device)
         self.dtype = dtype
         self.limit = limit
+        # checkpoint name → "eps"/"v", for files that don't say and that no heuristic gets right.
+        self.prediction_overrides = dict(prediction_overrides or {})
         self._hash_on_scan = hash_on_scan and hashing
         self._hashing = hashing
         self._cache = HashCache(cache_path)
@@ -185,7 +197,11 @@ class ModelManager:
     def _read(self, info: CheckpointInfo) -> SDModel:
         path = Path(info.filename)
         try:
-            return load_checkpoint(path, self.dtype, self.device, self._get_tokenizer())
+            config = Path(info.config) if info.config else None
+            override = self.prediction_overrides.get(info.name)
+            return load_checkpoint(
+                path, self.dtype, self.device, self._get_tokenizer(), config=config, prediction_type=override
+            )
         except ModelLoadError as exc:
             message = exc.message if str(path) in exc.message else f"{path}: {exc.message}"
             raise type(exc)(message, field=exc.field) from exc

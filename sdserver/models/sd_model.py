@@ -9,12 +9,24 @@ from torch import nn
 
 from sdserver.models.family_base import ModelSpec
 from sdserver.models.nn.clip import CLIPTextModel
+from sdserver.models.nn.layers import timestep_embedding
 from sdserver.models.nn.unet import UNetModel
 from sdserver.models.nn.vae import AutoencoderKL
 from sdserver.models.tokenizer import CLIPTokenizer
 
 # SD's training schedule ("scaled linear"): betas linear in sqrt space from 0.00085 to 0.012 over 1000 steps.
 _BETA_START, _BETA_END, _TRAIN_STEPS = 0.00085, 0.012, 1000
+_SIZE_EMBED_DIM = 256  # SDXL's per-number size/crop embedding width (2816 = 1280 pooled + 6 x 256)
+
+
+def repad(tokens: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """`tokens` with every position after each row's first EOS set to `pad_id`."""
+    if pad_id == eos_id:
+        return tokens
+    is_eos = tokens == eos_id
+    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), tokens.shape[1])
+    after = torch.arange(tokens.shape[1], device=tokens.device)[None] > first[:, None]
+    return torch.where(after, torch.full_like(tokens, pad_id), tokens)
 
 
 def sd_alphas_cumprod() -> torch.Tensor:
@@ -88,14 +100,33 @@ class SDModel(nn.Module):
         return self.unet.out[2].weight.device
 
     def encode_tokens(self, tokens: torch.Tensor, clip_skip: int = 1) -> TextEncoding:
-        """Cross-attention context of `tokens` ([B, T] ids); clip_skip=2 takes the penultimate layer."""
+        """Cross-attention context of `tokens` ([B, T] ids, BOS ... EOS then padding); clip_skip=2 takes the
+        penultimate layer. Families that always use a fixed layer (SD 2.x, SDXL) ignore `clip_skip`; each text
+        encoder gets its own padding after the first EOS (CLIP-L pads with EOS, OpenCLIP with 0)."""
         tokens = tokens.to(self.device, torch.long)
+        layer = self.spec.fixed_text_layer or clip_skip
         contexts, pooled = [], None
         for encoder in self.text_encoders:
-            hidden, pooled = encoder(tokens, clip_skip, final_norm=self.spec.final_layer_norm)
+            padded = repad(tokens, self.tokenizer.eos_id, encoder.config.pad_token)
+            hidden, pooled = encoder(padded, layer, final_norm=self.spec.final_layer_norm)
             contexts.append(hidden.float())
         context = torch.cat(contexts, dim=-1) if len(contexts) > 1 else contexts[0]
         return TextEncoding(context, pooled.float() if self.spec.uses_pooled and pooled is not None else None)
+
+    def vector_conditioning(
+        self,
+        pooled: torch.Tensor,
+        original_size: tuple[int, int],
+        crop_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """SDXL's `y`: pooled text + sinusoidal embeddings of (height, width), (top, left) crop and target
+        (height, width), 256 channels per number, as SDXL was trained. Sizes are given as (width, height)."""
+        width, height = original_size
+        target_w, target_h = target_size or original_size
+        numbers = torch.tensor([height, width, crop_top_left[0], crop_top_left[1], target_h, target_w])
+        embedded = timestep_embedding(numbers, _SIZE_EMBED_DIM).reshape(1, -1)
+        return torch.cat([pooled.float().cpu(), embedded.expand(pooled.shape[0], -1)], dim=1)
 
     def apply_unet(
         self,

@@ -135,6 +135,6 @@ def test_missing_structural_tensor_is_named() -> None:
 
 
 def test_registry_lookup() -> None:
-    assert family_named("sd1") is REGISTRY[0]
+    assert family_named("sd1").name == "sd1" and family_named("sd1") in REGISTRY
     with pytest.raises(ModelLoadError, match="sdxxl"):
         family_named("sdxxl")
