@@ -389,9 +389,11 @@ def _hires(req: Txt2ImgRequest, base: SamplingParams, width: int, height: int, l
         raise InvalidRequest("hr_resize_x and hr_resize_y must not be negative", field="hr_resize_x")
     if resize_x == 0 and resize_y == 0:
         target = (int(width * req.hr_scale), int(height * req.hr_scale))
+        fields = ("hr_scale", "hr_scale")
     else:
         target = (resize_x or int(resize_y * width / height), resize_y or int(resize_x * height / width))
-    _check_size(*target, limits, fields=("hr_resize_x", "hr_resize_y"))
+        fields = ("hr_resize_x", "hr_resize_y")
+    _check_size(*target, limits, fields=fields)
     hr_sampler, hr_scheduler = names.resolve_hr_sampler(
         req.hr_sampler_name, req.hr_scheduler, (base.sampler, base.scheduler)
     )
