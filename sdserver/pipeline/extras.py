@@ -3,7 +3,7 @@
 A1111 semantics: upscaler 1 enlarges the image either by `upscaling_resize` (resize_mode 0) or to cover
 `upscaling_resize_w` × `upscaling_resize_h` (resize_mode 1, centre-cropped to that size when `upscaling_crop`);
 upscaler 2, when set and visible, upscales the same input the same way and is blended over the first with
-`extras_upscaler_2_visibility`. Upscaler 1 "None" means no upscaling at all. The infotext lists what was done
+`extras_upscaler_2_visibility`. Like A1111, an upscaled side is rounded down to a multiple of 8 (before any crop). Upscaler 1 "None" means no upscaling at all. The infotext lists what was done
 (`Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos`) and is returned as A1111's `<p>...</p>` html.
 
 Face restoration (GFPGAN, CodeFormer) is not installed: a non-zero visibility is refused naming the field.
@@ -38,6 +38,7 @@ class PixelUpscalers(Protocol):
         device: torch.device | str,
         dtype: torch.dtype,
         field: str,
+        multiple: int,
     ) -> Image.Image: ...
 
 
@@ -115,7 +116,8 @@ def _upscale_once(
     else:
         scale = params.upscaling_resize
         info["Postprocess upscale by"] = params.upscaling_resize
-    out = upscalers.upscale(image, scale, name, device=device, dtype=dtype, field=field)
+    # A1111's upscalers round each side down to a multiple of 8 before any crop.
+    out = upscalers.upscale(image, scale, name, device=device, dtype=dtype, field=field, multiple=8)
     if params.resize_mode == 1 and params.upscaling_crop:
         canvas = Image.new("RGB", (width, height))
         canvas.paste(out, box=(width // 2 - out.width // 2, height // 2 - out.height // 2))

@@ -209,32 +209,49 @@ class UpscalerRegistry:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         field: str = "upscaler",
+        multiple: int = 1,
     ) -> Image.Image:
-        """`image` upscaled by `name` to exactly int(w·scale) × int(h·scale).
+        """`image` upscaled by `name` to int(w·scale) × int(h·scale), each side then rounded down to `multiple`.
 
         A model runs at its own scale, repeatedly (up to three passes) while the image is still smaller than the
-        target, and the result is Lanczos-resized to the exact size, as A1111 does. `field` names the request
-        field that chose the upscaler, for errors.
+        target, and the result is Lanczos-resized to the exact size, as A1111 does. A1111's own Upscaler.upscale
+        rounds down to multiples of 8: pass `multiple=8` where its output size must match (the extras route);
+        img2img and hires resize to their exact size anyway. `field` names the request field, for errors.
         """
         entry = self._find(name, field)
-        width, height = int(image.width * scale), int(image.height * scale)
-        if width < 1 or height < 1:
-            raise InvalidRequest(f"upscaling {image.width}x{image.height} by {scale} gives an empty image", field=field)
+        exact = int(image.width * scale), int(image.height * scale)
+        target = (exact[0] // multiple * multiple, exact[1] // multiple * multiple) if multiple > 1 else exact
+        if target[0] < 1 or target[1] < 1:
+            raise InvalidRequest(
+                f"upscaling {image.width}x{image.height} by {scale} gives an empty image", field=field
+            )
         if entry.path is None:
-            return builtin.resize_builtin(image, width, height, name)
+            result = image.copy() if name == builtin.NONE else builtin.resize_builtin(image, *exact, name)
+        else:
+            result = self._run_model(entry, image.convert("RGB"), scale, target, device, dtype, field)
+        if result.size != target:
+            result = result.resize(target, resample=Image.Resampling.LANCZOS)
+        return result
+
+    def _run_model(
+        self,
+        entry: _Entry,
+        image: Image.Image,
+        scale: float,
+        target: tuple[int, int],
+        device: torch.device | str,
+        dtype: torch.dtype,
+        field: str,
+    ) -> Image.Image:
         device = torch.device(device)
-        net = self._network(entry, device, _run_dtype(device, dtype), field)
-        result = image.convert("RGB")
+        run_dtype = _run_dtype(device, dtype)
+        net = self._network(entry, device, run_dtype, field)
         for i in range(_MAX_PASSES):
             # A scale-1 request still runs the model once (a 1x model is a restorer); a downscale never does.
-            if result.width >= width and result.height >= height and (i > 0 or scale != 1):
+            if image.width >= target[0] and image.height >= target[1] and (i > 0 or scale != 1):
                 break
-            before = result.size
-            result = upscale_tiled(
-                net, result, device=device, dtype=_run_dtype(device, dtype), tile=self._tile_size, pad=self._tile_pad
-            )
-            if result.size == before:
+            before = image.size
+            image = upscale_tiled(net, image, device=device, dtype=run_dtype, tile=self._tile_size, pad=self._tile_pad)
+            if image.size == before:
                 break
-        if result.size != (width, height):
-            result = result.resize((width, height), resample=Image.Resampling.LANCZOS)
-        return result
+        return image

@@ -30,10 +30,10 @@ def test_zero_face_visibility_is_fine(registry):
     assert out.size == (16, 16)
 
 
-def test_scale_by(registry):
+def test_scale_by_rounds_sides_down_to_multiples_of_8(registry):
     img = _image(15, 10)
     out, html_info = run_extras(img, ExtrasParams(upscaling_resize=2.5, upscaler_1="Lanczos"), registry)
-    assert out.size == (37, 25)
+    assert out.size == (32, 24)  # 37.5 x 25, each side rounded down to a multiple of 8 as A1111
     assert html_info == "<p>Postprocess upscale by: 2.5, Postprocess upscaler: Lanczos</p>"
 
 
@@ -67,19 +67,19 @@ def test_upscaler_none_leaves_the_image(registry):
 
 
 def test_upscaler_2_is_blended(registry):
-    img = _image(10, 10)
+    img = _image(12, 12)
     params = ExtrasParams(upscaler_1="Nearest", upscaler_2="Lanczos", extras_upscaler_2_visibility=0.3)
     out, html_info = run_extras(img, params, registry)
-    nearest = img.resize((20, 20), Image.Resampling.NEAREST)
-    lanczos = img.resize((20, 20), Image.Resampling.LANCZOS)
+    nearest = img.resize((24, 24), Image.Resampling.NEAREST)
+    lanczos = img.resize((24, 24), Image.Resampling.LANCZOS)
     assert np.array_equal(np.asarray(out), np.asarray(Image.blend(nearest, lanczos, 0.3)))
     assert html_info.endswith("Postprocess upscaler: Nearest, Postprocess upscaler 2: Lanczos</p>")
 
 
 def test_upscaler_2_invisible_is_skipped(registry):
-    img = _image(10, 10)
+    img = _image(12, 12)
     out, html_info = run_extras(img, ExtrasParams(upscaler_1="Nearest", upscaler_2="Lanczos"), registry)
-    assert np.array_equal(np.asarray(out), np.asarray(img.resize((20, 20), Image.Resampling.NEAREST)))
+    assert np.array_equal(np.asarray(out), np.asarray(img.resize((24, 24), Image.Resampling.NEAREST)))
     assert "upscaler 2" not in html_info
 
 
@@ -116,7 +116,7 @@ class _Fake:
     def has(self, name):
         return True
 
-    def upscale(self, image, scale, name, *, device, dtype, field):
+    def upscale(self, image, scale, name, *, device, dtype, field, multiple):
         return image.resize((int(image.width * scale), int(image.height * scale)))
 
 
@@ -128,4 +128,4 @@ def test_values_with_separators_are_quoted_and_escaped():
 def test_rgba_input_becomes_rgb(registry):
     img = Image.new("RGBA", (6, 4), (10, 20, 30, 128))
     out, _ = run_extras(img, ExtrasParams(upscaler_1="Nearest"), registry)
-    assert out.mode == "RGB" and out.size == (12, 8)
+    assert out.mode == "RGB" and out.size == (8, 8)

@@ -1,6 +1,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -224,3 +225,15 @@ def test_mismatched_esrgan_file_names_file_and_field(tmp_path, old_esrgan):
     with pytest.raises(ModelLoadError) as err:
         UpscalerRegistry(dirs).upscale(_image(4, 4), 2, "broken", field="upscaler_2")
     assert err.value.field == "upscaler_2" and "broken.safetensors" in err.value.message
+
+
+def test_multiple_of_8_as_a1111s_upscaler(tmp_path):
+    reg = UpscalerRegistry(_dirs(tmp_path))
+    img = _image(100, 75)
+    out = reg.upscale(img, 2, "Lanczos", multiple=8)
+    assert out.size == (200, 144)
+    # A1111: the upscaler's own resize to 200x150, then Lanczos down to the multiple of 8.
+    two_step = img.resize((200, 150), Image.Resampling.LANCZOS).resize((200, 144), Image.Resampling.LANCZOS)
+    assert np.array_equal(np.asarray(out), np.asarray(two_step))
+    with pytest.raises(InvalidRequest):
+        reg.upscale(_image(3, 3), 2, "Nearest", multiple=8, field="upscaler_1")
