@@ -349,8 +349,24 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
+def _novelai_infotext(items: Mapping[str, Any], size: tuple[int, int]) -> str | None:
+    """NovelAI PNGs keep the prompt in `Description` and the settings as JSON in `Comment` (A1111 reads them)."""
+    try:
+        settings = json.loads(items["Comment"])
+        found = names.find_sampler(str(settings.get("sampler", "")))
+        sampler = found.label if found is not None else "Euler a"
+        return (
+            f"{items['Description']}\nNegative prompt: {settings['uc']}\n"
+            f"Steps: {settings['steps']}, Sampler: {sampler}, CFG scale: {settings['scale']}, "
+            f"Seed: {settings['seed']}, Size: {size[0]}x{size[1]}, Clip skip: 2, ENSD: 31337"
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def png_info(image: Image.Image) -> dict[str, Any]:
-    """`/png-info`'s `{info, items, parameters}` for a decoded image (PNG text chunk or EXIF UserComment)."""
+    """`/png-info`'s `{info, items, parameters}` for a decoded image: the PNG `parameters` text chunk, else
+    the EXIF UserComment (JPEG/WebP), a GIF comment, or NovelAI's Description/Comment pair."""
     items = {k: v for k, v in (image.info or {}).items() if isinstance(k, str)}
     info = items.pop("parameters", None)
     comment = read_exif_comment(image)
@@ -358,6 +374,11 @@ def png_info(image: Image.Image) -> dict[str, Any]:
         items["exif comment"] = comment
         if info is None:
             info = comment
+    if info is None and isinstance(items.get("comment"), (bytes, str)):
+        raw = items.pop("comment")
+        info = raw.decode("utf-8", errors="ignore") if isinstance(raw, bytes) else raw
+    if info is None and items.get("Software") == "NovelAI":
+        info = _novelai_infotext(items, image.size)
     items = {k: _json_safe(v) for k, v in items.items() if k not in _IGNORED_INFO}
     if not isinstance(info, str):
         info = None

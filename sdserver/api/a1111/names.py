@@ -115,6 +115,11 @@ def _scheduler_keys(s: SchedulerName) -> tuple[str, ...]:
     return (s.label.lower(), s.id, *(a.lower() for a in s.aliases))
 
 
+def find_sampler(name: str) -> SamplerName | None:
+    """The sampler a label, alias or internal id names (any case), without suffix splitting; None if none."""
+    return _find_sampler(name)
+
+
 def _find_sampler(name: str) -> SamplerName | None:
     key = name.strip().lower()
     for s in SAMPLERS:

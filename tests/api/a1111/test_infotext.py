@@ -222,3 +222,18 @@ def test_png_info_without_metadata_still_has_defaults():
     out = png_info(Image.new("RGB", (4, 4)))
     assert out["info"] == "" and out["items"] == {}
     assert out["parameters"]["Clip skip"] == "1"
+
+
+def test_png_info_reads_novelai_metadata():
+    comment = json.dumps({"uc": "lowres", "steps": 28, "scale": 11, "seed": 123, "sampler": "k_euler_ancestral"})
+    img = _png_with_text(Software="NovelAI", Description="1girl", Comment=comment)
+    out = png_info(img)
+    assert out["info"].startswith("1girl\nNegative prompt: lowres\nSteps: 28, Sampler: Euler a, CFG scale: 11")
+    assert out["parameters"]["ENSD"] == "31337" and out["parameters"]["Size-1"] == "4"
+
+
+def test_png_info_reads_gif_comment():
+    buffer = io.BytesIO()
+    Image.new("P", (4, 4)).save(buffer, format="GIF", comment=b"gif prompt\nSteps: 2, Sampler: Euler, Seed: 1")
+    out = png_info(Image.open(io.BytesIO(buffer.getvalue())))
+    assert out["info"].startswith("gif prompt") and out["parameters"]["Steps"] == "2"
