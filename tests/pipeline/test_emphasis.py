@@ -59,7 +59,8 @@ def test_weights_for_mode() -> None:
     assert weights_for_mode(text, "Original") == parsed
     assert weights_for_mode(text, "No norm") == parsed
     # Same parts (tokenized one by one, so not merged), every weight 1 but the marker's.
-    assert weights_for_mode(text, "Ignore") == [("a ", 1.0), ("b", 1.0), ("", 1.0), ("BREAK", -1.0), ("", 1.0), ("c", 1.0)]
+    ignored = [("a ", 1.0), ("b", 1.0), ("", 1.0), ("BREAK", -1.0), ("", 1.0), ("c", 1.0)]
+    assert weights_for_mode(text, "Ignore") == ignored
     assert weights_for_mode(text, "None") == [(text, 1.0)]
 
 
