@@ -132,7 +132,7 @@ class UpscalerRegistry:
         self._tile_pad = tile_pad
         self._loader = loader or _default_loader
         self._entries: tuple[_Entry, ...] | None = None
-        self._models: OrderedDict[tuple[str, str, torch.dtype], nn.Module] = OrderedDict()
+        self._models: OrderedDict[tuple[str, int, str, torch.dtype], nn.Module] = OrderedDict()
         self._lock = threading.Lock()
 
     # -- listing -----------------------------------------------------------------------------------------------
@@ -183,7 +183,11 @@ class UpscalerRegistry:
 
     def _network(self, entry: _Entry, device: torch.device, dtype: torch.dtype, field: str) -> nn.Module:
         assert entry.path is not None
-        key = (str(entry.path), str(device), dtype)
+        try:
+            # The modification time is in the key so a file replaced under the same name is loaded afresh.
+            key = (str(entry.path), entry.path.stat().st_mtime_ns, str(device), dtype)
+        except OSError as exc:
+            raise ModelLoadError(f"{entry.path.name}: can't read upscaler model: {exc}", field=field) from None
         with self._lock:
             net = self._models.get(key)
             if net is not None:

@@ -237,3 +237,22 @@ def test_multiple_of_8_as_a1111s_upscaler(tmp_path):
     assert np.array_equal(np.asarray(out), np.asarray(two_step))
     with pytest.raises(InvalidRequest):
         reg.upscale(_image(3, 3), 2, "Nearest", multiple=8, field="upscaler_1")
+
+
+def test_replaced_file_is_reloaded_and_deleted_file_is_an_error(tmp_path, old_esrgan, compact_sd):
+    dirs = _dirs(tmp_path)
+    path = dirs["ESRGAN"][0] / "m.safetensors"
+    save_file(compact_sd(scale=4), str(path))
+    loader = CountingLoader(_real_loader())
+    reg = UpscalerRegistry(dirs, loader=loader)
+    assert reg.upscale(_image(4, 4), 1, "m").size == (4, 4)
+    reg.upscale(_image(4, 4), 1, "m")
+    assert loader.calls == ["m.safetensors"]
+    save_file(compact_sd(scale=2), str(path))
+    os.utime(path, ns=(1, 1))
+    reg.upscale(_image(4, 4), 1, "m")
+    assert loader.calls == ["m.safetensors", "m.safetensors"]
+    path.unlink()
+    with pytest.raises(ModelLoadError) as err:
+        reg.upscale(_image(4, 4), 2, "m", field="hr_upscaler")
+    assert err.value.field == "hr_upscaler"
