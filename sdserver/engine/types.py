@@ -104,6 +104,7 @@ class GenerationRequest:
     resize_mode: int = 0
     inpaint: InpaintParams | None = None
     initial_noise_multiplier: float = 1.0
+    inpainting_mask_weight: float = 1.0
     img2img_fix_steps: bool = False
     disable_extra_networks: bool = False
 

@@ -35,9 +35,11 @@ _BPE_CACHE_LIMIT = 100_000
 def bytes_to_unicode() -> dict[int, str]:
     """Byte → printable character: bytes that are printable map to themselves, the rest to chars from 256 up,
     so BPE never sees whitespace or control characters."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\u00a1"), ord("\u00ac") + 1),
+        *range(ord("\u00ae"), ord("\u00ff") + 1),
+    ]
     chars = printable[:]
     extra = 0
     for b in range(256):
@@ -112,6 +114,11 @@ class CLIPTokenizer:
     @property
     def eos_id(self) -> int:
         return self._encoder[EOS_TOKEN]
+
+    @property
+    def comma_id(self) -> int:
+        """The id of a word-final "," — where A1111's chunking prefers to cut a long prompt."""
+        return self._encoder[",</w>"]
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a vocabulary entry (e.g. "cat</w>"), or None."""

@@ -1,0 +1,173 @@
+"""The local engine: resolves the model for a request and runs the matching pipeline on this process's device."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image
+
+from sdserver.engine.devices import cpu_has_native_bf16, pick_device, pick_dtype
+from sdserver.engine.types import CheckpointInfo, GenerationRequest, GenerationResult, JobControl
+from sdserver.errors import NoModelAvailable, UnsupportedFeature
+from sdserver.models.manager import ModelManager, free_memory, validate_file
+from sdserver.models.sd_model import SDModel
+from sdserver.pipeline.hires import txt2img_hires
+from sdserver.pipeline.img2img import img2img
+from sdserver.pipeline.txt2img import txt2img
+from sdserver.settings import Settings
+from sdserver.upscalers.builtin import BUILTIN_NAMES, resize_builtin
+from sdserver.upscalers.registry import UpscalerRegistry
+
+DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "demo" / "data" / "sdserver-demo.safetensors"
+
+
+def models_dir(settings: Settings) -> Path:
+    return settings.models_dir or settings.data_dir / "models"
+
+
+def checkpoint_dirs(settings: Settings) -> list[Path]:
+    return [settings.ckpt_dir or models_dir(settings) / "Stable-diffusion"]
+
+
+def upscaler_dirs(settings: Settings) -> dict[str, list[Path]]:
+    root = models_dir(settings)
+    esrgan = [settings.esrgan_models_path] if settings.esrgan_models_path else [root / "ESRGAN"]
+    return {"ESRGAN": esrgan, "RealESRGAN": [root / "RealESRGAN"], "SwinIR": [root / "SwinIR"], "DAT": [root / "DAT"]}
+
+
+def has_checkpoints(dirs: list[Path]) -> bool:
+    return any(p.suffix in (".safetensors", ".ckpt") for d in dirs if d.is_dir() for p in d.rglob("*"))
+
+
+def fallback_checkpoint(settings: Settings, dirs: list[Path], demo: Path = DEMO_CHECKPOINT) -> Path | None:
+    """The checkpoint given by `--ckpt`, else the shipped demo model when the folders hold none."""
+    if settings.ckpt is not None:
+        return settings.ckpt
+    if not has_checkpoints(dirs) and demo.is_file():
+        return demo
+    return None
+
+
+@contextlib.contextmanager
+def seamless(model: SDModel, enabled: bool) -> Iterator[None]:
+    """Circular padding in every conv of the UNet and VAE for tileable images, restored afterwards."""
+    if not enabled:
+        yield
+        return
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    modes = [c.padding_mode for c in convs]
+    try:
+        for conv in convs:
+            conv.padding_mode = "circular"
+        yield
+    finally:
+        for conv, mode in zip(convs, modes):
+            conv.padding_mode = mode
+
+
+def unsupported_fields(request: GenerationRequest) -> list[str]:
+    """Fields whose feature has not landed: a request using them is refused, never silently ignored."""
+    fields = []
+    if request.vae not in (None, "Automatic", "None"):
+        fields.append("sd_vae")
+    if request.hires is not None and request.hires.checkpoint not in (None, "", "Use same checkpoint"):
+        fields.append("hr_checkpoint_name")
+    return fields
+
+
+class LocalEngine:
+    """Implements sdserver.engine.types.Engine over a ModelManager. Runs on the job worker's thread."""
+
+    def __init__(self, manager: ModelManager, upscalers: UpscalerRegistry) -> None:
+        self.manager = manager
+        self.upscalers = upscalers
+
+    def pixel_upscale(self, image: Image.Image, width: int, height: int, name: str, field: str = "hr_upscaler") -> Image.Image:
+        """`image` at exactly width × height through the named upscaler (a model runs at its own scale first)."""
+        if name in BUILTIN_NAMES:
+            return resize_builtin(image, width, height, name)
+        scale = max(width / image.width, height / image.height)
+        device = self.manager.device
+        big = self.upscalers.upscale(image, scale, name, device=device, field=field)
+        return big if big.size == (width, height) else resize_builtin(big, width, height, "Lanczos")
+
+    def _model_for(self, request: GenerationRequest) -> tuple[SDModel, CheckpointInfo]:
+        model = self.manager.load(request.checkpoint) if request.checkpoint else self.manager.ensure_loaded()
+        info = self.manager.current_info
+        assert info is not None
+        return model, info
+
+    def generate(self, request: GenerationRequest, control: JobControl) -> GenerationResult:
+        missing = unsupported_fields(request)
+        if missing:
+            raise UnsupportedFeature(
+                f"{missing[0]} is not supported by this server yet", field=missing[0]
+            )
+        model, info = self._model_for(request)
+        with seamless(model, request.tiling):
+            if request.is_img2img:
+                images, interrupted = img2img(
+                    model, request, control, resize=lambda img, w, h: self.pixel_upscale(img, w, h, "Lanczos"),
+                    inpainting_mask_weight=request.inpainting_mask_weight,
+                )
+            elif request.hires is not None:
+                images, interrupted = txt2img_hires(model, request, control, self.pixel_upscale)
+            else:
+                images, interrupted = txt2img(model, request, control)
+        return GenerationResult(
+            images=tuple(images), model_name=Path(info.filename).stem, model_hash=info.hash, interrupted=interrupted,
+            is_using_inpainting_conditioning=model.is_inpainting and request.is_img2img,
+        )
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        return self.manager.checkpoints()
+
+    def refresh_checkpoints(self) -> None:
+        self.manager.refresh()
+
+    def current_checkpoint(self) -> CheckpointInfo | None:
+        return self.manager.current_info
+
+    def load_checkpoint(self, name: str) -> CheckpointInfo:
+        self.manager.load(name)
+        info = self.manager.current_info
+        assert info is not None
+        return info
+
+    def unload(self) -> None:
+        self.manager.unload()
+
+    def reload(self) -> None:
+        self.manager.reload()
+
+    def default_size(self) -> tuple[int, int]:
+        model = self.manager.current
+        if model is not None:
+            return model.default_size
+        try:
+            info = self.manager.default_checkpoint()
+        except NoModelAvailable:
+            return (512, 512)
+        return validate_file(Path(info.filename)).spec.default_size
+
+    def free_caches(self) -> None:
+        """Called by the job layer after an out-of-memory error."""
+        free_memory()
+
+
+def create_engine(settings: Settings) -> LocalEngine:
+    device = pick_device(settings.use_cpu, settings.device_id)
+    dtype = pick_dtype(device, settings.precision, settings.no_half, cpu_has_native_bf16())
+    dirs = checkpoint_dirs(settings)
+    manager = ModelManager(
+        dirs, fallback_checkpoint(settings, dirs), settings.data_dir / "cache.json", device, dtype,
+        hashing=not settings.no_hashing,
+    )
+    engine = LocalEngine(manager, UpscalerRegistry(upscaler_dirs(settings)))
+    if not settings.skip_load_model_at_start:
+        with contextlib.suppress(NoModelAvailable):
+            manager.ensure_loaded()
+    return engine

@@ -1,0 +1,87 @@
+"""One sampling pass: noise → (schedule, guidance, sampler) → latents, reporting each step to the job."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from sdserver.engine.types import Interrupted, JobControl, SamplingParams, SeedParams, Skipped
+from sdserver.models.sd_model import SDModel
+from sdserver.pipeline.cfg import CFGDenoiser, Guidance
+from sdserver.sampling import run
+from sdserver.sampling.discrete import DenoiserFn, DiscreteSchedule
+from sdserver.sampling.noise import ImageRNG
+from sdserver.sampling.run import SamplingPlan
+
+
+@dataclass(frozen=True)
+class PassResult:
+    latents: torch.Tensor
+    stopped: str | None = None  # None, "interrupted" or "skipped"
+
+
+def model_denoiser(model: SDModel, sampler_id: str) -> DenoiserFn:
+    def unet(x: torch.Tensor, t: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        return model.apply_unet(x, t, extra["context"], extra.get("y"), extra.get("concat"))
+
+    return run.make_denoiser(sampler_id, unet, DiscreteSchedule(model.alphas_cumprod), model.prediction_type)
+
+
+def make_rng(
+    seeds: SeedParams, image_seeds: list[int], image_subseeds: list[int], shape: tuple[int, int, int], device: torch.device
+) -> ImageRNG:
+    return ImageRNG(
+        shape, image_seeds, image_subseeds, seeds.subseed_strength,
+        seeds.seed_resize_from_h, seeds.seed_resize_from_w, str(seeds.noise_source), device,
+        ensd=seeds.eta_noise_seed_delta,
+    )
+
+
+def run_sampler(
+    params: SamplingParams,
+    plan: SamplingPlan,
+    x: torch.Tensor,
+    rng: ImageRNG,
+    cfg: CFGDenoiser,
+    control: JobControl,
+    preview: Callable[[torch.Tensor], Image.Image],
+    *,
+    on_denoised: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> PassResult:
+    """Run the sampler; stop early (keeping the last denoised latent) when the job is interrupted or skipped."""
+    last = {"denoised": x}
+
+    def callback(info: dict) -> None:
+        denoised = info["denoised"]
+        if on_denoised is not None:
+            denoised = on_denoised(denoised)
+        last["denoised"] = denoised
+        step = int(info["i"]) + 1
+        control.step(step, (lambda: preview(denoised[0])) if control.wants_preview(step) else None)
+
+    try:
+        samples = run.sample(
+            plan, cfg, x, rng=rng, eta=params.eta, eta_ancestral=params.eta_ancestral,
+            eta_ddim=params.eta_ddim, s_churn=params.s_churn, s_tmin=params.s_tmin, s_tmax=params.s_tmax,
+            s_noise=params.s_noise, callback=callback,
+        )
+    except Interrupted:
+        return PassResult(last["denoised"], "interrupted")
+    except Skipped:
+        return PassResult(last["denoised"], "skipped")
+    return PassResult(samples)
+
+
+def txt2img_plan(model: SDModel, params: SamplingParams) -> SamplingPlan:
+    return run.plan_txt2img(
+        params.sampler, params.scheduler, params.steps, DiscreteSchedule(model.alphas_cumprod),
+        sigma_min=params.sigma_min, sigma_max=params.sigma_max, rho=params.rho,
+        always_discard_next_to_last_sigma=params.always_discard_next_to_last_sigma, family=model.family,
+    )
+
+
+def guided_denoiser(model: SDModel, sampler_id: str, guidance: Guidance, vector_cond=None) -> CFGDenoiser:  # type: ignore[no-untyped-def]
+    return CFGDenoiser(model_denoiser(model, sampler_id), guidance, vector_cond)

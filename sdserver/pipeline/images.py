@@ -1,0 +1,32 @@
+"""Conversions between PIL images, pixel tensors and latents."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B,3,H,W] in [-1, 1] → RGB images, truncating to 8 bits as A1111 does (not rounding)."""
+    arr = ((images.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray((255.0 * a).astype(np.uint8)) for a in arr]
+
+
+def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """RGB images of one size → [B,3,H,W] in [-1, 1]."""
+    arr = np.stack([np.asarray(img.convert("RGB"), dtype=np.float32) for img in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).div(127.5).sub(1.0)
+
+
+# A fixed least-squares map from SD 1.x/2.x latents to RGB: previews without decoding (A1111's "Approx cheap").
+_APPROX_RGB = torch.tensor(
+    [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]]
+)
+
+
+def approx_preview(latent: torch.Tensor) -> Image.Image:
+    """A cheap RGB preview of one latent [C,h,w] by a fixed linear projection (no VAE)."""
+    weights = _APPROX_RGB if latent.shape[0] == 4 else torch.zeros(latent.shape[0], 3)
+    rgb = torch.einsum("chw,cr->rhw", latent.float().cpu(), weights)
+    return tensor_to_pil(rgb[None].clamp(-1, 1))[0]
