@@ -65,8 +65,8 @@ SAMPLERS: tuple[SamplerName, ...] = (
     SamplerName("dpmpp_3m_sde", "DPM++ 3M SDE", ("k_dpmpp_3m_sde",),
                 {"scheduler": "exponential", "discard_next_to_last_sigma": True, "brownian_noise": True},
                 uses_eta=True, sigma_params=("s_noise",)),
-    SamplerName("euler_a", "Euler a", ("k_euler_a", "k_euler_ancestral"), {"uses_ensd": True},
-                uses_eta=True, sigma_params=("s_noise",)),
+    # A1111 1.10 passes no s_* to Euler a (Forge passes s_noise).
+    SamplerName("euler_a", "Euler a", ("k_euler_a", "k_euler_ancestral"), {"uses_ensd": True}, uses_eta=True),
     SamplerName("euler", "Euler", ("k_euler",), {}, sigma_params=_CHURN),
     SamplerName("lms", "LMS", ("k_lms",), {}),
     SamplerName("heun", "Heun", ("k_heun",), {"second_order": True}, sigma_params=_CHURN),

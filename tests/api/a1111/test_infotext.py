@@ -1,5 +1,6 @@
 import io
 import json
+from dataclasses import replace
 
 import pytest
 from PIL import Image, PngImagePlugin
@@ -81,7 +82,7 @@ def test_cpu_noise_writes_rng_and_options_toggle_keys():
 def test_conditional_keys():
     gen = GenerationRequest(
         prompt="(a)",
-        sampling=SamplingParams(sampler="euler_a", scheduler="exponential", steps=12, cfg_scale=5.5, eta=0.5,
+        sampling=SamplingParams(sampler="dpm2_a", scheduler="exponential", steps=12, cfg_scale=5.5, eta=0.5,
                                 s_noise=0.9),
         seeds=SeedParams(seed=3, subseed=9, subseed_strength=0.25, seed_resize_from_w=256, seed_resize_from_h=320,
                          noise_source=NoiseSource.NV, eta_noise_seed_delta=31337),
@@ -96,6 +97,9 @@ def test_conditional_keys():
     assert params["RNG"] == "NV"
     assert params["Tiling"] == "True"
     assert params["Eta"] == 0.5 and params["Sigma noise"] == 0.9
+    euler_a = replace(gen, sampling=replace(gen.sampling, sampler="euler_a"))
+    assert "Sigma noise" not in generation_params(euler_a, _result(), default_options(), seed=3, subseed=9,
+                                                  version="x")
     assert params["Emphasis"] == "No norm"
     text = create_infotext(gen.prompt, "", params)
     keys = [part.split(":")[0] for part in text.splitlines()[-1].split(", ")]
