@@ -3,7 +3,8 @@
 A1111 semantics: upscaler 1 enlarges the image either by `upscaling_resize` (resize_mode 0) or to cover
 `upscaling_resize_w` × `upscaling_resize_h` (resize_mode 1, centre-cropped to that size when `upscaling_crop`);
 upscaler 2, when set and visible, upscales the same input the same way and is blended over the first with
-`extras_upscaler_2_visibility`. Like A1111, an upscaled side is rounded down to a multiple of 8 (before any crop). Upscaler 1 "None" means no upscaling at all. The infotext lists what was done
+`extras_upscaler_2_visibility`. Like A1111, an upscaled side is rounded down to a multiple of 8 (before any
+crop). Upscaler 1 "None" means no upscaling at all. The infotext lists what was done
 (`Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos`) and is returned as A1111's `<p>...</p>` html.
 
 Face restoration (GFPGAN, CodeFormer) is not installed: a non-zero visibility is refused naming the field.

@@ -8,7 +8,8 @@ pipeline composes them:
     whole picture:  image, mask = resize_image(mode, image, w, h, up), resize_image(mode, mask, w, h)
                     overlay_mask = mask_for_overlay(mask, full_res=False)
     only masked:    region = crop_region(mask, padding) → expand_to_aspect(region, w, h, *mask.size)
-                    image/mask crops resized with resize_image(2, ...); overlay_mask = mask_for_overlay(mask, full_res=True)
+                    image and mask crops resized with resize_image(2, ...)
+                    overlay_mask = mask_for_overlay(mask, full_res=True)
     inpainting_fill 0: image = fill_masked(image, mask)
     after decoding: apply_overlay(generated, image, overlay_mask) or paste_back(original, generated, region, mask)
 

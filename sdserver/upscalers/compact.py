@@ -59,7 +59,9 @@ def is_compact(keys: set[str] | frozenset[str]) -> bool:
 
 
 def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> CompactConfig:
-    convs = sorted(int(m.group(1)) for k, v in sd.items() if (m := _BODY.match(k)) and k.endswith("weight") and v.ndim == 4)
+    convs = sorted(
+        int(m.group(1)) for k, v in sd.items() if (m := _BODY.match(k)) and k.endswith("weight") and v.ndim == 4
+    )
     if not convs or convs[0] != 0:
         raise ModelLoadError("compact (SRVGG) state dict has no body.0 conv")
     last = convs[-1]
