@@ -62,7 +62,8 @@ def check_component(name: str, expected: Mapping[str, tuple[int, ...]], given: C
         problems.append(f"{name}: unexpected tensors {_names(unexpected, given.prefix)}")
     for k in mismatched[:_LISTED]:
         problems.append(
-            f"{name}: tensor {given.prefix}{k} has shape {list(_shape(given[k]))}, the model expects {list(expected[k])}"
+            f"{name}: tensor {given.prefix}{k} has shape {list(_shape(given[k]))}, "
+            f"the model expects {list(expected[k])}"
         )
     if len(mismatched) > _LISTED:
         problems.append(f"{name}: {len(mismatched) - _LISTED} more tensors with mismatched shapes")
@@ -70,7 +71,10 @@ def check_component(name: str, expected: Mapping[str, tuple[int, ...]], given: C
 
 
 def _prepare(
-    tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device
+    tensors: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> dict[str, torch.Tensor]:
     out = {}
     for key, tensor in tensors.items():

@@ -3,7 +3,8 @@
 Attention head counts (and a model's native size and prediction type) can't be read from tensor shapes, so a
 checkpoint may record them: `{"unet": {...}, "vae": {...}, "text_encoder": {...}, "prediction_type": "eps",
 "default_size": [w, h]}`, each component a dict of its config dataclass's fields (tuples as lists). Fields left
-out keep the values derived from the shapes.
+out keep the values derived from the shapes. Families with two text encoders (SDXL) read a list under
+"text_encoders" instead of "text_encoder".
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def encode_config_metadata(
     vae: VAEConfig | None = None,
     text_encoder: TextEncoderConfig | None = None,
     *,
+    text_encoders: tuple[TextEncoderConfig, ...] | None = None,
     prediction_type: str | None = None,
     default_size: tuple[int, int] | None = None,
 ) -> dict[str, str]:
@@ -34,6 +36,8 @@ def encode_config_metadata(
     for key, cfg in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         if cfg is not None:
             doc[key] = dataclasses.asdict(cfg)
+    if text_encoders is not None:
+        doc["text_encoders"] = [dataclasses.asdict(cfg) for cfg in text_encoders]
     if prediction_type is not None:
         doc["prediction_type"] = prediction_type
     if default_size is not None:

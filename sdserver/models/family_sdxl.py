@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import torch
 
+from sdserver.errors import ModelLoadError
 from sdserver.models import config_metadata as cm
 from sdserver.models import shapes as derive
 from sdserver.models.family_base import UNET, VAE, Family, ModelSpec, text_encoder_component
@@ -61,6 +62,10 @@ class SDXLFamily(Family):
         clip_g = derive.clip_config(self.convert_shapes(CLIP_G, dict(parts[CLIP_G])), activation="gelu",
                                     pad_token=OPENCLIP_PAD)
         encoders = doc.get("text_encoders") or [None, None]
+        if not isinstance(encoders, list) or len(encoders) != 2:
+            raise ModelLoadError(
+                f"metadata '{cm.METADATA_KEY}.text_encoders' must list two encoders", field=cm.METADATA_KEY
+            )
         prediction, source = declared_prediction(shapes, metadata) or ("eps", "default")
         return ModelSpec(
             family=self.name,

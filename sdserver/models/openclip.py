@@ -69,8 +69,13 @@ def _convert(
     return out
 
 
+def _split3_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = t.chunk(3, dim=0)
+    return q, k, v
+
+
 def openclip_to_hf(tensors: Mapping[str, torch.Tensor], *, keep_projection: bool) -> dict[str, torch.Tensor]:
-    return _convert(tensors, lambda t: tuple(t.chunk(3, dim=0)), lambda t: t.T.contiguous(), keep_projection)  # type: ignore[arg-type, return-value]
+    return _convert(tensors, _split3_tensor, lambda t: t.T.contiguous(), keep_projection)
 
 
 def _split3_shape(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -78,7 +83,9 @@ def _split3_shape(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, .
     return part, part, part
 
 
-def openclip_shapes_to_hf(shapes: Mapping[str, tuple[int, ...]], *, keep_projection: bool) -> dict[str, tuple[int, ...]]:
+def openclip_shapes_to_hf(
+    shapes: Mapping[str, tuple[int, ...]], *, keep_projection: bool
+) -> dict[str, tuple[int, ...]]:
     return _convert(shapes, _split3_shape, lambda s: tuple(reversed(s)), keep_projection)
 
 

@@ -119,7 +119,8 @@ def _layout(family: str, configs: tuple, text_model_prefix: bool) -> dict[str, t
     state = _prefixed(UNetModel(unet).state_dict(), UNET_PREFIX)
     state.update(_prefixed(AutoencoderKL(vae).state_dict(), VAE_PREFIX))
     if family == "sd1":
-        state.update(_prefixed(CLIPTextModel(texts[0]).state_dict(), TEXT_PREFIX if text_model_prefix else TEXT_PREFIX_SHORT))
+        text_prefix = TEXT_PREFIX if text_model_prefix else TEXT_PREFIX_SHORT
+        state.update(_prefixed(CLIPTextModel(texts[0]).state_dict(), text_prefix))
     elif family == "sd2":
         state.update(_prefixed(_openclip_layout(CLIPTextModel(texts[0])), "cond_stage_model.model."))
     elif family == "sdxl":
@@ -166,7 +167,12 @@ def random_sd1_state_dict(
     return state
 
 
-def family_shapes(family: str, configs: tuple, *, text_model_prefix: bool = True) -> dict[str, tuple[int, ...]]:  # type: ignore[type-arg]
+def family_shapes(
+    family: str,
+    configs: tuple,  # type: ignore[type-arg]
+    *,
+    text_model_prefix: bool = True,
+) -> dict[str, tuple[int, ...]]:
     """{key: shape} of a `family` checkpoint of these configs, built on the meta device (no data)."""
     with torch.device("meta"):
         state = _layout(family, configs, text_model_prefix)

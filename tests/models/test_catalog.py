@@ -70,7 +70,8 @@ def test_every_alias_resolves(tree: Path, tmp_path: Path) -> None:
     ]:
         assert catalog.resolve(table, alias) == v15, alias
     mine = next(i for i in infos if i.name.endswith("Mine.ckpt"))
-    for alias in ["sub/dir/Mine.ckpt", "sub_dir_Mine", "sub/dir/Mine", "Mine.ckpt", "Mine", "sub/dir/Mine.ckpt [0123456789]"]:
+    stale_title = "sub/dir/Mine.ckpt [0123456789]"
+    for alias in ["sub/dir/Mine.ckpt", "sub_dir_Mine", "sub/dir/Mine", "Mine.ckpt", "Mine", stale_title]:
         assert catalog.resolve(table, alias) == mine, alias
 
 

@@ -9,6 +9,7 @@ import torch
 from sdserver.models.families import detect
 from sdserver.models.manager import load_checkpoint, validate_file
 from sdserver.models.nn.clip import CLIPTextModel
+from sdserver.models.nn.config import TextEncoderConfig
 from sdserver.models.openclip import hf_to_openclip, openclip_to_hf
 from sdserver.models.sd_model import repad
 from sdserver.models.synthetic import (
@@ -61,7 +62,9 @@ def test_openclip_conversion_round_trips() -> None:
     assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
 
 
-def _reference_text(state: dict[str, torch.Tensor], prefix: str, cfg, openclip: bool) -> CLIPTextModel:  # type: ignore[no-untyped-def]
+def _reference_text(
+    state: dict[str, torch.Tensor], prefix: str, cfg: TextEncoderConfig, openclip: bool
+) -> CLIPTextModel:
     entries = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if openclip:
         entries = openclip_to_hf(entries, keep_projection=cfg.projection_dim > 0)
@@ -145,11 +148,12 @@ def test_prediction_type_sources(tmp_path: Path, tokenizer: CLIPTokenizer) -> No
     yaml.write_text("model:\n  params:\n    parameterization: \"v\"\n    linear_start: 0.00085\n")
     with_yaml = load_checkpoint(plain, torch.float32, "cpu", tokenizer, config=yaml)
     assert (with_yaml.prediction_type, with_yaml.spec.prediction_source) == ("v", "yaml")
-    assert load_checkpoint(plain, torch.float32, "cpu", tokenizer, config=yaml, prediction_type="eps").prediction_type == "eps"
+    overridden = load_checkpoint(plain, torch.float32, "cpu", tokenizer, config=yaml, prediction_type="eps")
+    assert overridden.prediction_type == "eps"
 
 
 @pytest.mark.parametrize(("std", "expected"), [(0.5, "v"), (0.01, "eps")])
-def test_sd2_heuristic_is_logged(tokenizer: CLIPTokenizer, caplog: pytest.LogCaptureFixture, std: float, expected: str) -> None:
+def test_sd2_heuristic_is_logged(caplog: pytest.LogCaptureFixture, std: float, expected: str) -> None:
     from sdserver.models.families import detect as detect_family
     from sdserver.models.prediction import resolve_prediction
 
@@ -161,3 +165,21 @@ def test_sd2_heuristic_is_logged(tokenizer: CLIPTokenizer, caplog: pytest.LogCap
         resolved = resolve_prediction(match, state)
     assert (resolved.spec.prediction_type, resolved.spec.prediction_source) == (expected, "heuristic")
     assert "guessed" in caplog.text
+
+
+def test_sdxl_metadata_overrides_each_encoder() -> None:
+    import dataclasses
+
+    from sdserver.errors import ModelLoadError
+    from sdserver.models.config_metadata import encode_config_metadata
+
+    unet, vae, clip_l, big_g = sdxl_configs()
+    shapes = family_shapes("sdxl", sdxl_configs())
+    metadata = encode_config_metadata(
+        text_encoders=(dataclasses.replace(clip_l, heads=6), dataclasses.replace(big_g, heads=10)),
+        default_size=(896, 1152),
+    )
+    spec = detect(shapes, metadata).spec
+    assert [t.heads for t in spec.text_encoders] == [6, 10] and spec.default_size == (896, 1152)
+    with pytest.raises(ModelLoadError, match="two encoders"):
+        detect(shapes, {"sdserver.config": '{"text_encoders": [{}]}'})

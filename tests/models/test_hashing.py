@@ -28,7 +28,9 @@ def test_legacy_hash_is_a1111s_8_digits(blob: Path) -> None:
     assert legacy_hash(small) is None
 
 
-def test_cache_avoids_rereading_and_survives_restart(tmp_path: Path, blob: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_avoids_rereading_and_survives_restart(
+    tmp_path: Path, blob: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache_path = tmp_path / "data" / "cache.json"
     first = cached_sha256(blob, "checkpoint/model.safetensors", HashCache(cache_path))
     assert first == hashlib.sha256(blob.read_bytes()).hexdigest()

@@ -62,7 +62,8 @@ def test_legacy_format_is_restricted_too(tmp_path: Path) -> None:
 
 def test_legacy_torch_save_loads(tmp_path: Path) -> None:
     path = tmp_path / "old.ckpt"
-    torch.save({"state_dict": {"a.weight": torch.arange(6.0).reshape(2, 3)}}, path, _use_new_zipfile_serialization=False)
+    state = {"state_dict": {"a.weight": torch.arange(6.0).reshape(2, 3)}}
+    torch.save(state, path, _use_new_zipfile_serialization=False)
     loaded = load_state_dict(path)
     assert torch.equal(loaded["a.weight"], torch.arange(6.0).reshape(2, 3))
     assert read_shapes(path) == {"a.weight": (2, 3)}
