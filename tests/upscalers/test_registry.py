@@ -256,3 +256,12 @@ def test_replaced_file_is_reloaded_and_deleted_file_is_an_error(tmp_path, old_es
     with pytest.raises(ModelLoadError) as err:
         reg.upscale(_image(4, 4), 2, "m", field="hr_upscaler")
     assert err.value.field == "hr_upscaler"
+
+
+@pytest.mark.xfail(strict=True, reason="sdserver.models.files.load_state_dict keeps only top-level tensors, so "
+                   "BasicSR's {'params_ema': {...}} .pth files (the Real-ESRGAN releases) load as empty")
+def test_real_loader_reads_basicsr_params_ema_pth(tmp_path, realesrgan):
+    dirs = _dirs(tmp_path)
+    torch.save({"params_ema": realesrgan()}, dirs["RealESRGAN"][0] / "RealESRGAN_x4plus.pth")
+    reg = UpscalerRegistry(dirs, loader=_real_loader())
+    assert reg.upscale(_image(3, 5), 4, "R-ESRGAN 4x+").size == (12, 20)
