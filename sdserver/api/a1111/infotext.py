@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from PIL import Image
 
 from sdserver.api.a1111 import names
-from sdserver.engine.types import GenerationRequest, GenerationResult, NoiseSource
+from sdserver.engine.types import GenerationRequest, GenerationResult, NoiseSource, SamplingParams
 
 A1111_VERSION = "v1.10.1"
 
@@ -95,16 +95,25 @@ def _has_emphasis(text: str) -> bool:
     return any(ch in text for ch in "()[]")
 
 
+def effective_eta(sampling: SamplingParams) -> float:
+    """The eta a sampler runs with: the request's, else the option for its kind (eta_ddim / eta_ancestral)."""
+    if sampling.eta is not None:
+        return sampling.eta
+    kind = names.sampler_by_id(sampling.sampler).kind
+    return sampling.eta_ddim if kind == "timesteps" else sampling.eta_ancestral
+
+
 def _sampler_params(gen: GenerationRequest, options: Mapping[str, Any]) -> dict[str, Any]:
     """Keys A1111's samplers add to extra_generation_params (eta, s_*, schedule overrides)."""
     s = gen.sampling
     sampler = names.sampler_by_id(s.sampler)
     out: dict[str, Any] = {}
-    if sampler.uses_eta and s.eta is not None:
-        if sampler.kind == "timesteps" and s.eta != 0.0:
-            out["Eta DDIM"] = s.eta
-        elif sampler.kind == "kdiffusion" and s.eta != 1.0:
-            out["Eta"] = s.eta
+    if sampler.uses_eta:
+        eta = effective_eta(s)
+        if sampler.kind == "timesteps" and eta != 0.0:
+            out["Eta DDIM"] = eta
+        elif sampler.kind == "kdiffusion" and eta != 1.0:
+            out["Eta"] = eta
     defaults = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}
     labels = {"s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
     for param in sampler.sigma_params:
@@ -175,8 +184,7 @@ def _inpaint_params(gen: GenerationRequest) -> dict[str, Any]:
 
 def _uses_ensd(gen: GenerationRequest) -> bool:
     sampler = names.sampler_by_id(gen.sampling.sampler)
-    eta = gen.sampling.eta if gen.sampling.eta is not None else 1.0
-    return bool(sampler.options.get("uses_ensd")) and eta != 0
+    return bool(sampler.options.get("uses_ensd")) and effective_eta(gen.sampling) != 0
 
 
 def generation_params(
@@ -215,7 +223,7 @@ def generation_params(
         ),
         "Denoising strength": denoising,
         "Conditional mask weight": (
-            options.get("inpainting_mask_weight", 1.0) if result.is_using_inpainting_conditioning else None
+            gen.inpainting_mask_weight if result.is_using_inpainting_conditioning else None
         ),
         "Clip skip": gen.clip_skip if gen.clip_skip > 1 else None,
         "ENSD": seeds.eta_noise_seed_delta if seeds.eta_noise_seed_delta != 0 and _uses_ensd(gen) else None,

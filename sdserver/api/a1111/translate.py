@@ -258,11 +258,6 @@ def apply_infotext(req: _Req) -> _Req:
 
 def _sampling(req: GenerationRequestBase, opts: Mapping[str, Any]) -> SamplingParams:
     sampler_id, scheduler_id = names.resolve_sampler(req.sampler_name, req.sampler_index, req.scheduler)
-    sampler = names.sampler_by_id(sampler_id)
-    if req.eta is not None:
-        eta = float(req.eta)
-    else:
-        eta = float(opts.get("eta_ddim", 0.0) if sampler.kind == "timesteps" else opts.get("eta_ancestral", 1.0))
 
     def pick(field: str, default: float) -> float:
         value = getattr(req, field)
@@ -273,7 +268,9 @@ def _sampling(req: GenerationRequestBase, opts: Mapping[str, Any]) -> SamplingPa
         scheduler=scheduler_id,
         steps=int(req.steps),
         cfg_scale=float(req.cfg_scale),
-        eta=eta,
+        eta=float(req.eta) if req.eta is not None else None,  # None: the option below that fits the sampler
+        eta_ancestral=float(opts.get("eta_ancestral", 1.0)),
+        eta_ddim=float(opts.get("eta_ddim", 0.0)),
         s_churn=pick("s_churn", 0.0),
         s_tmin=pick("s_tmin", 0.0),
         s_tmax=pick("s_tmax", 0.0),
@@ -513,6 +510,7 @@ def img2img_request(
         resize_mode=int(req.resize_mode),
         inpaint=_inpaint(req, decode),
         initial_noise_multiplier=float(noise_multiplier),
+        inpainting_mask_weight=float(opts.get("inpainting_mask_weight", 1.0)),
         img2img_fix_steps=bool(opts.get("img2img_fix_steps", False)),
     )
 

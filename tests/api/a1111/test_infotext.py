@@ -241,3 +241,12 @@ def test_png_info_reads_gif_comment():
     Image.new("P", (4, 4)).save(buffer, format="GIF", comment=b"gif prompt\nSteps: 2, Sampler: Euler, Seed: 1")
     out = png_info(Image.open(io.BytesIO(buffer.getvalue())))
     assert out["info"].startswith("gif prompt") and out["parameters"]["Steps"] == "2"
+
+
+def test_eta_option_reaches_the_infotext_and_ensd():
+    gen = GenerationRequest(sampling=SamplingParams(sampler="euler_a", eta_ancestral=0.0),
+                            seeds=SeedParams(seed=1, eta_noise_seed_delta=31337))
+    params = generation_params(gen, _result(), default_options(), seed=1, subseed=0, version="x")
+    assert params["Eta"] == 0.0 and params["ENSD"] is None  # A1111: eta 0 means ENSD has no effect
+    ddim = GenerationRequest(sampling=SamplingParams(sampler="ddim", eta_ddim=0.1), seeds=SeedParams(seed=1))
+    assert generation_params(ddim, _result(), default_options(), seed=1, subseed=0, version="x")["Eta DDIM"] == 0.1

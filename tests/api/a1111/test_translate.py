@@ -116,10 +116,15 @@ def test_bad_override_value_names_the_key(seed_source):
 
 
 def test_eta_comes_from_the_matching_option(seed_source):
+    from sdserver.api.a1111.infotext import effective_eta
+
     options = default_options() | {"eta_ancestral": 0.8, "eta_ddim": 0.2}
-    assert t2i({"sampler_name": "Euler a"}, seed_source, options).sampling.eta == 0.8
-    assert t2i({"sampler_name": "DDIM"}, seed_source, options).sampling.eta == 0.2
+    gen = t2i({"sampler_name": "Euler a"}, seed_source, options)
+    assert gen.sampling.eta is None and (gen.sampling.eta_ancestral, gen.sampling.eta_ddim) == (0.8, 0.2)
+    assert effective_eta(gen.sampling) == 0.8
+    assert effective_eta(t2i({"sampler_name": "DDIM"}, seed_source, options).sampling) == 0.2
     assert t2i({"sampler_name": "DDIM", "eta": 0.5}, seed_source, options).sampling.eta == 0.5
+    assert effective_eta(t2i({"sampler_name": "DDIM", "eta": 0.5}, seed_source, options).sampling) == 0.5
 
 
 def test_styles(seed_source):
@@ -270,7 +275,10 @@ def test_img2img_fields(seed_source, decoder, make_png):
                "initial_noise_multiplier": 0.9, "override_settings": {"img2img_fix_steps": True}},
               seed_source, decoder)
     assert (gen.denoising_strength, gen.resize_mode, gen.initial_noise_multiplier) == (0.3, 2, 0.9)
-    assert gen.img2img_fix_steps is True
+    assert gen.img2img_fix_steps is True and gen.inpainting_mask_weight == 1.0
+    gen = i2i({"init_images": [make_png()], "override_settings": {"inpainting_mask_weight": "0.5"}},
+              seed_source, decoder)
+    assert gen.inpainting_mask_weight == 0.5
     with pytest.raises(InvalidRequest) as err:
         i2i({"init_images": [make_png()], "resize_mode": 7}, seed_source, decoder)
     assert err.value.field == "resize_mode"
