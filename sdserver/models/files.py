@@ -59,10 +59,19 @@ def _torch_load(path: Path, map_location: str | torch.device) -> Any:
         raise ModelLoadError(f"{path}: can't read checkpoint: {exc}") from exc
 
 
+# Dicts that training code wraps weights in: LDM/Lightning "state_dict", BasicSR "params_ema" (the EMA weights,
+# which its releases are meant to be used with) before "params", and "model".
+_WRAPPER_KEYS = ("state_dict", "params_ema", "params", "model")
+
+
 def _tensors_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The tensor entries of a loaded `.ckpt`: LDM training checkpoints nest them under "state_dict"."""
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    """The tensor entries of a loaded pickle, unwrapped from a training framework's container dict."""
+    if isinstance(obj, dict):
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
     if not isinstance(obj, dict):
         raise ModelLoadError(f"{path}: checkpoint holds a {type(obj).__name__}, not a state dict")
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}

@@ -63,3 +63,17 @@ def test_ckpt_holding_a_non_dict_is_refused(tmp_path: Path) -> None:
     torch.save(torch.zeros(3), path)
     with pytest.raises(ModelLoadError, match="not a state dict"):
         load_state_dict(path)
+
+
+@pytest.mark.parametrize(
+    ("container", "expected"),
+    [
+        ({"params_ema": {"w": torch.ones(1)}, "params": {"w": torch.zeros(1)}}, 1.0),  # BasicSR: EMA preferred
+        ({"params": {"w": torch.zeros(1)}}, 0.0),
+        ({"model": {"w": torch.full((1,), 2.0)}, "epoch": 3}, 2.0),
+    ],
+)
+def test_training_containers_are_unwrapped(tmp_path: Path, container: dict, expected: float) -> None:
+    path = tmp_path / "net.pth"
+    torch.save(container, path)
+    assert load_state_dict(path)["w"].item() == expected
