@@ -196,11 +196,12 @@ def test_alternation_in_hires_pass_uses_hires_steps() -> None:
     assert prompt_schedule("[x|y]", 20, hires_steps=3) == [(1, "x"), (2, "y"), (3, "x")]
 
 
-def test_absurd_nesting_is_used_literally() -> None:
-    prompt = "(" * 500 + "[a:b:2]" + ")" * 500
-    assert prompt_schedule(prompt, 10) == [(10, prompt)]
+def test_nesting_deeper_than_100_is_used_literally() -> None:
     shallow = "(" * 20 + "[a:b:2]" + ")" * 20
     assert prompt_schedule(shallow, 10) == [(2, "(" * 20 + "a" + ")" * 20), (10, "(" * 20 + "b" + ")" * 20)]
+    # A guard against exhausting the recursion limit; A1111 would still schedule this one.
+    deep = "(" * 101 + "[a:b:2]" + ")" * 101
+    assert prompt_schedule(deep, 10) == [(10, deep)]
 
 
 @settings(max_examples=300, deadline=None)
