@@ -116,17 +116,25 @@ class SDModel(nn.Module):
     def vector_conditioning(
         self,
         pooled: torch.Tensor,
-        original_size: tuple[int, int],
-        crop_top_left: tuple[int, int] = (0, 0),
-        target_size: tuple[int, int] | None = None,
+        width: int,
+        height: int,
+        *,
+        crop_top: int = 0,
+        crop_left: int = 0,
+        target_width: int | None = None,
+        target_height: int | None = None,
     ) -> torch.Tensor:
-        """SDXL's `y`: pooled text + sinusoidal embeddings of (height, width), (top, left) crop and target
-        (height, width), 256 channels per number, as SDXL was trained. Sizes are given as (width, height)."""
-        width, height = original_size
-        target_w, target_h = target_size or original_size
-        numbers = torch.tensor([height, width, crop_top_left[0], crop_top_left[1], target_h, target_w])
-        embedded = timestep_embedding(numbers, _SIZE_EMBED_DIM).reshape(1, -1)
-        return torch.cat([pooled.float().cpu(), embedded.expand(pooled.shape[0], -1)], dim=1)
+        """SDXL's `y`: the pooled text embedding ([P] or [B, P]) followed by sinusoidal embeddings of the
+        original (height, width), the crop's (top, left) and the target (height, width), 256 channels per
+        number, as SDXL was trained. The target defaults to the original size. float32, on the CPU."""
+        numbers = torch.tensor(
+            [height, width, crop_top, crop_left, target_height or height, target_width or width], dtype=torch.float32
+        )
+        sizes = timestep_embedding(numbers, _SIZE_EMBED_DIM).reshape(-1)
+        pooled = pooled.detach().float().cpu()
+        if pooled.ndim == 1:
+            return torch.cat([pooled, sizes])
+        return torch.cat([pooled, sizes.expand(pooled.shape[0], -1)], dim=1)
 
     def apply_unet(
         self,

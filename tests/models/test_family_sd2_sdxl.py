@@ -104,8 +104,9 @@ def test_tiny_sdxl_loads_with_both_encoders(tmp_path: Path, tokenizer: CLIPToken
     encoding = model.encode_tokens(tokens)
     torch.testing.assert_close(encoding.context, torch.cat([hidden_l, hidden_g], dim=-1))
     torch.testing.assert_close(encoding.pooled, pooled_g)
-    y = model.vector_conditioning(encoding.pooled, (1024, 768))
+    y = model.vector_conditioning(encoding.pooled, width=1024, height=768)
     assert y.shape == (1, configs[0].adm_in_channels)
+    assert torch.equal(model.vector_conditioning(encoding.pooled[0], width=1024, height=768), y[0])
     out = model.apply_unet(torch.randn(1, 4, 8, 8), torch.tensor([500.0]), encoding.context, y=y)
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
 
@@ -124,12 +125,14 @@ def test_vector_conditioning_layout(tmp_path: Path, tokenizer: CLIPTokenizer) ->
         torch.float32, "cpu", tokenizer,
     )
     pooled = torch.randn(2, 64)
-    y = model.vector_conditioning(pooled, (832, 1216), (16, 8), (1024, 1024))
+    y = model.vector_conditioning(pooled, 832, 1216, crop_top=16, crop_left=8, target_width=1024, target_height=1024)
     assert torch.equal(y[:, :64], pooled)
     # Height before width, as SDXL's original_size_as_tuple.
     torch.testing.assert_close(y[0, 64:320], timestep_embedding(torch.tensor([1216]), 256)[0])
     torch.testing.assert_close(y[1, 320:576], timestep_embedding(torch.tensor([832]), 256)[0])
     torch.testing.assert_close(y[0, 576:832], timestep_embedding(torch.tensor([16]), 256)[0])
+    torch.testing.assert_close(y[0, 832:1088], timestep_embedding(torch.tensor([8]), 256)[0])
+    torch.testing.assert_close(y[1, 1088:1344], timestep_embedding(torch.tensor([1024]), 256)[0])
 
 
 def test_prediction_type_sources(tmp_path: Path, tokenizer: CLIPTokenizer) -> None:
