@@ -258,8 +258,6 @@ def test_replaced_file_is_reloaded_and_deleted_file_is_an_error(tmp_path, old_es
     assert err.value.field == "hr_upscaler"
 
 
-@pytest.mark.xfail(strict=True, reason="sdserver.models.files.load_state_dict keeps only top-level tensors, so "
-                   "BasicSR's {'params_ema': {...}} .pth files (the Real-ESRGAN releases) load as empty")
 def test_real_loader_reads_basicsr_params_ema_pth(tmp_path, realesrgan):
     dirs = _dirs(tmp_path)
     torch.save({"params_ema": realesrgan()}, dirs["RealESRGAN"][0] / "RealESRGAN_x4plus.pth")
