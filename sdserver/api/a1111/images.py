@@ -19,6 +19,14 @@ _WHITESPACE = re.compile(r"\s+")
 _EXIF_IFD = 0x8769
 _EXIF_USER_COMMENT = 0x9286
 FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
+# Formats accepted as input. An allowlist, because some PIL plugins (EPS) run external programs to decode.
+# (JPEG's opener also yields phones' MPO files.)
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+
+
+def _input_formats() -> list[str]:
+    Image.init()  # loads PIL's plugins once; AVIF is there only when Pillow was built with it
+    return [f for f in INPUT_FORMATS if f in Image.OPEN]
 
 
 def _b64_payload(data: str, field: str) -> bytes:
@@ -57,7 +65,7 @@ def decode_image(data: str, field: str, *, max_pixels: int, allow_remote: bool =
         with warnings.catch_warnings():
             # PIL's own bomb warning fires before our limit could; our check below is the one that decides.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(payload))
+            image = Image.open(io.BytesIO(payload), formats=_input_formats())
             width, height = image.size
             if width * height > max_pixels:
                 raise InvalidImage(

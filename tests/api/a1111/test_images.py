@@ -134,3 +134,11 @@ def test_image_grid_layout():
     assert grid.size == (8, 4)
     assert grid.getpixel((4, 0)) == (50, 0, 0) and grid.getpixel((0, 2)) == (100, 0, 0)
     assert grid.getpixel((4, 2)) == (0, 0, 0)
+
+
+def test_only_plain_raster_formats_are_opened():
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(InvalidImage):
+        decode_image(base64.b64encode(eps).decode(), "image", max_pixels=1000)
+    for fmt in ("BMP", "GIF", "TIFF", "WEBP", "JPEG"):
+        assert decode_image(_b64(Image.new("RGB", (3, 3)), fmt), "image", max_pixels=1000).size == (3, 3)
