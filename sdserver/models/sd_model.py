@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,16 +100,31 @@ class SDModel(nn.Module):
     def device(self) -> torch.device:
         return self.unet.out[2].weight.device
 
-    def encode_tokens(self, tokens: torch.Tensor, clip_skip: int = 1) -> TextEncoding:
+    def encode_tokens(
+        self,
+        tokens: torch.Tensor,
+        clip_skip: int = 1,
+        token_embeds: Sequence[torch.Tensor | None] | None = None,
+    ) -> TextEncoding:
         """Cross-attention context of `tokens` ([B, T] ids, BOS ... EOS then padding); clip_skip=2 takes the
         penultimate layer. Families that always use a fixed layer (SD 2.x, SDXL) ignore `clip_skip`; each text
-        encoder gets its own padding after the first EOS (CLIP-L pads with EOS, OpenCLIP with 0)."""
+        encoder gets its own padding after the first EOS (CLIP-L pads with EOS, OpenCLIP with 0).
+        `token_embeds`, one entry per text encoder, replaces that encoder's token-embedding lookup ([B, T, D],
+        for textual inversion); None entries use the lookup."""
         tokens = tokens.to(self.device, torch.long)
         layer = self.spec.fixed_text_layer or clip_skip
+        embeds = list(token_embeds) if token_embeds is not None else [None] * len(self.text_encoders)
+        if len(embeds) != len(self.text_encoders):
+            raise ValueError(f"token_embeds has {len(embeds)} entries for {len(self.text_encoders)} text encoders")
         contexts, pooled = [], None
-        for encoder in self.text_encoders:
+        for encoder, embed in zip(self.text_encoders, embeds):
             padded = repad(tokens, self.tokenizer.eos_id, encoder.config.pad_token)
-            hidden, pooled = encoder(padded, layer, final_norm=self.spec.final_layer_norm)
+            hidden, pooled = encoder(
+                padded,
+                layer,
+                final_norm=self.spec.final_layer_norm,
+                token_embeds=None if embed is None else embed.to(self.device),
+            )
             contexts.append(hidden.float())
         context = torch.cat(contexts, dim=-1) if len(contexts) > 1 else contexts[0]
         return TextEncoding(context, pooled.float() if self.spec.uses_pooled and pooled is not None else None)

@@ -61,3 +61,20 @@ def test_inputs_are_cast_and_outputs_are_float32(tiny_state: dict[str, torch.Ten
     assert half.dtype == torch.bfloat16 and out.dtype == torch.float32
     assert half.decode_latent(torch.randn(1, 4, 4, 4)).dtype == torch.float32
     assert half.encode_tokens(torch.zeros(1, 77, dtype=torch.int32)).context.dtype == torch.float32
+
+
+def test_token_embeds_replace_the_lookup(model: SDModel, tokenizer: CLIPTokenizer) -> None:
+    ids = [tokenizer.bos_id, *tokenizer.encode("a cat"), tokenizer.eos_id]
+    tokens = torch.tensor([ids + [tokenizer.eos_id] * (77 - len(ids))])
+    table = model.text_encoders[0].embeddings.token_embedding
+    with torch.no_grad():
+        same = table(tokens)
+        changed = same.clone()
+        changed[0, 2] = torch.randn(32)
+    plain = model.encode_tokens(tokens).context
+    torch.testing.assert_close(model.encode_tokens(tokens, token_embeds=[same]).context, plain)
+    spliced = model.encode_tokens(tokens, token_embeds=[changed]).context
+    assert torch.equal(spliced[0, :2], plain[0, :2])  # causal: positions before the splice are untouched
+    assert not torch.allclose(spliced[0, 2:], plain[0, 2:])
+    with pytest.raises(ValueError, match="2 entries for 1"):
+        model.encode_tokens(tokens, token_embeds=[same, same])
