@@ -140,7 +140,6 @@ def create_app(
         title="sdserver",
         version=__version__,
         description="A local Stable Diffusion server speaking the AUTOMATIC1111 webui HTTP API.",
-        root_path=settings.subpath,
         lifespan=_lifespan(settings, engine),
     )
     app.state.settings = settings

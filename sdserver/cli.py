@@ -258,6 +258,7 @@ def _uvicorn_config(app: Any, settings: Settings) -> Any:
         ssl_keyfile=settings.tls_keyfile,
         ssl_certfile=settings.tls_certfile,
         timeout_keep_alive=settings.timeout_keep_alive,
+        root_path=settings.subpath,  # behind a reverse proxy: prefixed or stripped paths both route
         timeout_graceful_shutdown=max(int(settings.shutdown_grace), 1),
         access_log=False,  # --api-log is the access log, in A1111's format
         log_level="info",

@@ -14,6 +14,7 @@ from http.cookies import SimpleCookie
 from typing import Any, Awaitable, Callable, MutableMapping
 
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 
@@ -98,8 +99,15 @@ class BasicAuthMiddleware:
         )
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """Raised from `receive`; an HTTPException so FastAPI's body reader lets it through as a 413."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, _too_large_message(max_bytes))
+
+
+def _too_large_message(max_bytes: int) -> str:
+    return f"Request body larger than {max_bytes} bytes (the limit is --max-body-bytes)."
 
 
 class BodyLimitMiddleware:
@@ -126,7 +134,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _BodyTooLarge()
+                    raise _BodyTooLarge(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -142,8 +150,7 @@ class BodyLimitMiddleware:
                 await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        message = f"Request body larger than {self.max_bytes} bytes (the limit is --max-body-bytes)."
-        await _send_json(send, 413, error_body("RequestTooLarge", message))
+        await _send_json(send, 413, error_body("RequestTooLarge", _too_large_message(self.max_bytes)))
 
 
 class UnexpectedErrors:
