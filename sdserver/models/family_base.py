@@ -79,6 +79,9 @@ class Family(ABC):
     default_prefixes: ClassVar[dict[str, str]]
     # Key suffixes the checkpoint may carry that the modules don't have (buffers, training state).
     ignored_suffixes: ClassVar[tuple[str, ...]] = ()
+    # Key prefixes of training-only state inside a component: the VAE's adversarial loss (discriminator,
+    # LPIPS network, logvar) that full LDM training checkpoints carry.
+    ignored_prefixes: ClassVar[tuple[str, ...]] = ("first_stage_model.loss.",)
 
     @abstractmethod
     def matches(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
@@ -95,7 +98,7 @@ class Family(ABC):
         """Checkpoint entries (tensors or shapes) per component, prefixes stripped; other keys dropped."""
         found: dict[str, tuple[str | None, dict[str, V]]] = {c: (None, {}) for c in self.components()}
         for key, value in entries.items():
-            if key.endswith(self.ignored_suffixes):
+            if key.endswith(self.ignored_suffixes) or key.startswith(self.ignored_prefixes):
                 continue
             for prefix, component in self.prefixes:
                 if key.startswith(prefix):
