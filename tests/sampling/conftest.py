@@ -43,7 +43,8 @@ class GaussianDenoiser:
 
     def denoise_with_uncond(self, x, sigma, *, cond_scale_multiplier, cond_scale=1.0, **extra):
         self.calls += 1
-        cond, uncond = self._d(x, sigma, self.s2), self._d(x, sigma, self.s2_uncond)
+        s2_uncond = self.s2 if self.s2_uncond is None else self.s2_uncond
+        cond, uncond = self._d(x, sigma, self.s2), self._d(x, sigma, s2_uncond)
         return uncond + (cond - uncond) * (cond_scale * cond_scale_multiplier), uncond
 
 
