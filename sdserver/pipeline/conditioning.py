@@ -2,19 +2,23 @@
 
 Each prompt becomes a schedule of texts (prompt editing, alternation), each text a list of weighted parts
 (emphasis) cut into 75-token chunks encoded as 77 tokens each and concatenated along the token axis. Every
-distinct text is encoded once per request, not once per step.
+distinct prompt schedule is encoded once per request, not once per step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 
 from sdserver.models.sd_model import SDModel
-from sdserver.pipeline.chunking import chunk_prompt
-from sdserver.pipeline.emphasis import apply_emphasis
-from sdserver.pipeline.prompt_parser import parse_attention, prompt_schedule, schedule_index_at, split_and
+from sdserver.pipeline.chunking import Chunk, EmbeddingLookup, chunk_prompt, empty_chunk
+from sdserver.pipeline.emphasis import apply_emphasis, weights_for_mode
+from sdserver.pipeline.prompt_parser import prompt_schedule, schedule_index_at, split_and
+
+# Builds the token-embedding input of one chunk batch with textual-inversion vectors spliced in.
+TokenEmbedder = Callable[[SDModel, torch.Tensor, Sequence[Chunk]], Sequence[torch.Tensor | None] | None]
 
 
 @dataclass(frozen=True)
@@ -51,40 +55,54 @@ class ConditioningOptions:
 
 @dataclass
 class TextEncoderCache:
-    """Per-request memo of encoded texts, so equal prompts across a batch (and across batches) encode once."""
+    """Per-request memo of encoded prompt schedules, so equal prompts across a batch (and across batches)
+    encode once."""
 
     model: SDModel
     options: ConditioningOptions
-    encoded: dict[str, TextConditioning] = field(default_factory=dict)
+    embeddings: EmbeddingLookup | None = None
+    token_embeds: TokenEmbedder | None = None
+    encoded: dict[tuple[str, ...], tuple[TextConditioning, ...]] = field(default_factory=dict)
 
-    def encode(self, text: str) -> TextConditioning:
-        if text not in self.encoded:
-            self.encoded[text] = encode_text(self.model, text, self.options)
-        return self.encoded[text]
-
-
-def weighted_parts(text: str, emphasis: str) -> list[tuple[str, float]]:
-    if emphasis == "None":
-        return [(text, 1.0)]
-    parts = parse_attention(text)
-    if emphasis == "Ignore":
-        return [(t, -1.0 if w == -1 else 1.0) for t, w in parts]
-    return parts
+    def encode(self, texts: tuple[str, ...]) -> tuple[TextConditioning, ...]:
+        if texts not in self.encoded:
+            self.encoded[texts] = encode_texts(self.model, texts, self.options, self.embeddings, self.token_embeds)
+        return self.encoded[texts]
 
 
 @torch.no_grad()
-def encode_text(model: SDModel, text: str, options: ConditioningOptions) -> TextConditioning:
+def encode_texts(
+    model: SDModel,
+    texts: tuple[str, ...],
+    options: ConditioningOptions,
+    embeddings: EmbeddingLookup | None = None,
+    token_embeds: TokenEmbedder | None = None,
+) -> tuple[TextConditioning, ...]:
+    """Encode one prompt's schedule texts together, as A1111 does: chunk i of every text is one batch, shorter
+    texts are padded with empty chunks, and "Original" emphasis restores the mean over that batch."""
     pad = model.spec.text_encoders[0].pad_token
-    chunks = chunk_prompt(
-        weighted_parts(text, options.emphasis), model.tokenizer,
-        comma_padding_backtrack=options.comma_padding_backtrack, pad_token=pad,
-    )
-    tokens = torch.tensor([c.tokens for c in chunks], dtype=torch.long)
-    multipliers = torch.tensor([c.multipliers for c in chunks], dtype=torch.float32)
-    encoding = model.encode_tokens(tokens, options.clip_skip)
-    context = apply_emphasis(encoding.context, multipliers.to(encoding.context.device), options.emphasis)
-    pooled = None if encoding.pooled is None else encoding.pooled[0]
-    return TextConditioning(context.reshape(-1, context.shape[-1]), pooled)
+    chunked = [
+        chunk_prompt(
+            weights_for_mode(text, options.emphasis), model.tokenizer, embeddings=embeddings,
+            comma_padding_backtrack=options.comma_padding_backtrack, pad_token=pad,
+        )
+        for text in texts
+    ]
+    count = max(len(c) for c in chunked)
+    for chunks in chunked:
+        chunks.extend(empty_chunk(model.tokenizer, pad_token=pad) for _ in range(count - len(chunks)))
+    contexts, pooled = [], None
+    for i in range(count):
+        batch = [chunks[i] for chunks in chunked]
+        tokens = torch.tensor([c.tokens for c in batch], dtype=torch.long)
+        multipliers = torch.tensor([c.multipliers for c in batch], dtype=torch.float32)
+        inputs = None if token_embeds is None else token_embeds(model, tokens, batch)
+        encoding = model.encode_tokens(tokens, options.clip_skip, token_embeds=inputs)
+        contexts.append(apply_emphasis(encoding.context, multipliers.to(encoding.context.device), options.emphasis))
+        if i == 0:
+            pooled = encoding.pooled
+    context = torch.cat(contexts, dim=1)
+    return tuple(TextConditioning(context[j], None if pooled is None else pooled[j]) for j in range(len(texts)))
 
 
 def condition_prompt(
@@ -97,5 +115,6 @@ def condition_prompt(
         schedule = prompt_schedule(
             text, steps, hires_steps=hires_steps, use_old_scheduling=cache.options.use_old_scheduling
         )
-        scheduled.append(ScheduledConditioning(tuple((end, cache.encode(t)) for end, t in schedule), weight))
+        encoded = cache.encode(tuple(t for _, t in schedule))
+        scheduled.append(ScheduledConditioning(tuple((end, e) for (end, _), e in zip(schedule, encoded)), weight))
     return PromptConditioning(tuple(scheduled))
