@@ -188,12 +188,17 @@ def draw_layout(scene: Scene, rng: np.random.Generator) -> Layout:
     )
 
 
-def signed_distance(shape: Shape, layout: Layout, size_px: int) -> np.ndarray:
-    """Signed distance in pixels from each pixel centre to the shape's outline (negative inside). [H, W]."""
+Window = tuple[slice, slice]  # (rows, columns) of the image to compute
+
+
+def signed_distance(shape: Shape, layout: Layout, size_px: int, window: Window | None = None) -> np.ndarray:
+    """Signed distance in pixels from each pixel centre to the shape's outline (negative inside), [H, W], or
+    just the `window` of it."""
     geometry = SHAPE_GEOMETRY[shape]
     grid = (np.arange(size_px, dtype=np.float32) + 0.5) / size_px
-    px = (grid - np.float32(layout.cx))[None, :]
-    py = (grid - np.float32(layout.cy))[:, None]
+    rows, cols = window or (slice(None), slice(None))
+    px = (grid[cols] - np.float32(layout.cx))[None, :]
+    py = (grid[rows] - np.float32(layout.cy))[:, None]
     outer = geometry.outer * layout.radius
     rho = np.hypot(px, py)
     if geometry.points == 0:
@@ -215,9 +220,10 @@ def signed_distance(shape: Shape, layout: Layout, size_px: int) -> np.ndarray:
     return (dist * side * size_px).astype(np.float32)
 
 
-def coverage(shape: Shape, layout: Layout, size_px: int) -> np.ndarray:
-    """Fraction of each pixel the shape covers, float32 [H, W] in [0, 1] (one-pixel linear edge)."""
-    return np.clip(0.5 - signed_distance(shape, layout, size_px), 0.0, 1.0)
+def coverage(shape: Shape, layout: Layout, size_px: int, window: Window | None = None) -> np.ndarray:
+    """Fraction of each pixel the shape covers, float32 [H, W] in [0, 1] (one-pixel linear edge), or just the
+    `window` of it."""
+    return np.clip(0.5 - signed_distance(shape, layout, size_px, window), 0.0, 1.0)
 
 
 def render_layout(scene: Scene, layout: Layout, size_px: int) -> np.ndarray:
@@ -254,7 +260,8 @@ _POSITION_FORMS: dict[Position, tuple[str, ...]] = {
 }
 
 
-def _article(next_word: str) -> str:
+def article(next_word: str) -> str:
+    """ "a" or "an", for the word that follows."""
     return "an" if next_word[0] in "aeiou" else "a"
 
 
@@ -277,12 +284,12 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     words.append(str(scene.shape))
     noun_phrase = " ".join(words)
     if u[3] < P_ARTICLE:
-        noun_phrase = f"{_article(noun_phrase)} {noun_phrase}"
+        noun_phrase = f"{article(noun_phrase)} {noun_phrase}"
     parts = [noun_phrase]
     tails: list[str] = []
     if u[4] < P_BACKGROUND:
         background = str(scene.background)
-        tails.append(_pick(rng, _BACKGROUND_FORMS).format(a=_article(background), c=background))
+        tails.append(_pick(rng, _BACKGROUND_FORMS).format(a=article(background), c=background))
     if u[5] < P_POSITION:
         form = _pick(rng, _POSITION_FORMS[scene.position])
         tails.append(form.format(scene.position) if "{}" in form else form)
@@ -290,6 +297,23 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
         tails.reverse()
     parts.extend(tails)
     return " ".join(parts)
+
+
+def describe(
+    scene: Scene, *, colour: bool = True, background: bool = False, size: bool = False, position: bool = False
+) -> str:
+    """The canonical caption naming the chosen attributes, e.g. "a small red circle on a blue background in
+    the top left". Always names the shape. For prompts whose meaning must be unambiguous (evaluation, tests)."""
+    words = [str(scene.size)] if size else []
+    words += [str(scene.colour)] if colour else []
+    words.append(str(scene.shape))
+    text = " ".join(words)
+    text = f"{article(text)} {text}"
+    if background:
+        text += f" on {article(scene.background)} {scene.background} background"
+    if position:
+        text += " in the centre" if scene.position == Position.CENTRE else f" in the {scene.position}"
+    return text
 
 
 # --- prompt parsing -----------------------------------------------------------------------------------

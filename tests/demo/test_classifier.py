@@ -9,19 +9,19 @@ from sdserver.errors import InvalidImage
 
 
 def test_clean_renders_are_read_perfectly_at_64_px():
-    accuracy = validate(150, 64, seed=11)
+    accuracy = validate(100, 64, seed=11)
     assert all(value >= 0.99 for value in accuracy.values()), accuracy
 
 
 def test_clean_renders_are_read_perfectly_at_128_px():
-    accuracy = validate(40, 128, seed=12)
+    accuracy = validate(25, 128, seed=12)
     assert all(value >= 0.99 for value in accuracy.values()), accuracy
 
 
 def test_degraded_renders_are_still_read():
     # Measured over 1000 images at 64 px: colour, background 1.000, size, position 0.999, shape 0.988
-    # (128 px: 500 images, shape 0.998, the rest 1.000). The floor leaves room for sampling error at n=150.
-    accuracy = validate(150, 64, seed=13, degradation=DEGRADED)
+    # (128 px: 500 images, shape 0.998, the rest 1.000). The floors leave room for sampling error at n=120.
+    accuracy = validate(120, 64, seed=13, degradation=DEGRADED)
     assert accuracy["colour"] >= 0.98 and accuracy["background"] >= 0.98, accuracy
     assert accuracy["size"] >= 0.97 and accuracy["position"] >= 0.97, accuracy
     assert accuracy["shape"] >= 0.95, accuracy
@@ -72,3 +72,23 @@ def test_degrade_is_deterministic_and_does_damage():
     assert np.array_equal(a, b)
     assert np.array_equal(degrade(image, CLEAN, np.random.default_rng(1)), image)
     assert np.abs(a.astype(int) - image).mean() > 5
+
+
+def test_colour_noise_is_unreadable_not_a_shape():
+    # What an untrained model draws: blotchy colour noise. It must score as a failure for every attribute,
+    # not as whatever colour the noise leans to.
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, size=(16, 16, 3)).astype(np.uint8)
+    image = np.asarray(Image.fromarray(coarse).resize((64, 64), Image.BILINEAR))
+    prediction = classify(image)
+    assert not prediction.readable and not prediction.has_foreground
+    assert prediction.attributes() == {}
+    assert prediction.residual > 45
+
+
+def test_renders_fit_the_two_colour_picture():
+    scene = Scene(Shape.STAR, Colour.RED, Colour.WHITE, Size.LARGE, Position.CENTRE)
+    image = render(scene, 64, np.random.default_rng(0))
+    assert classify(image).residual < 1.0
+    assert classify(degrade(image, DEGRADED, np.random.default_rng(0))).readable
+    assert classify(degrade(image, classifier.HEAVY, np.random.default_rng(0))).readable

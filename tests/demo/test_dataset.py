@@ -173,3 +173,9 @@ def test_captions_name_only_true_attributes_and_vary():
 )
 def test_parse_prompt(prompt, expected):
     assert parse_prompt(prompt) == expected
+
+
+def test_coverage_window_is_a_crop_of_the_whole():
+    layout = Layout(0.4, 0.6, 0.2, 0.1)
+    window = (slice(10, 50), slice(5, 30))
+    assert np.array_equal(coverage(Shape.STAR, layout, 64, window), coverage(Shape.STAR, layout, 64)[window])
