@@ -11,7 +11,7 @@ from PIL import Image
 
 from sdserver.engine.devices import cpu_has_native_bf16, pick_device, pick_dtype
 from sdserver.engine.types import CheckpointInfo, GenerationRequest, GenerationResult, JobControl
-from sdserver.errors import NoModelAvailable, UnsupportedFeature
+from sdserver.errors import InvalidRequest, NoModelAvailable, UnsupportedFeature
 from sdserver.models.manager import ModelManager, free_memory, validate_file
 from sdserver.models.sd_model import SDModel
 from sdserver.pipeline.hires import txt2img_hires
@@ -19,6 +19,7 @@ from sdserver.pipeline.img2img import img2img
 from sdserver.pipeline.txt2img import txt2img
 from sdserver.settings import Settings
 from sdserver.upscalers.builtin import BUILTIN_NAMES, resize_builtin
+from sdserver.upscalers.latent import LATENT_MODES, is_latent_mode
 from sdserver.upscalers.registry import UpscalerRegistry
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "demo" / "data" / "sdserver-demo.safetensors"
@@ -106,6 +107,7 @@ class LocalEngine:
             raise UnsupportedFeature(
                 f"{missing[0]} is not supported by this server yet", field=missing[0]
             )
+        self._check_upscaler(request)
         model, info = self._model_for(request)
         with seamless(model, request.tiling):
             if request.is_img2img:
@@ -121,6 +123,15 @@ class LocalEngine:
             images=tuple(images), model_name=Path(info.filename).stem, model_hash=info.hash, interrupted=interrupted,
             is_using_inpainting_conditioning=model.is_inpainting and request.is_img2img,
         )
+
+    def _check_upscaler(self, request: GenerationRequest) -> None:
+        """Refuse an unknown hires upscaler before the first pass runs, not after."""
+        if request.hires is None:
+            return
+        name = request.hires.upscaler
+        if not (is_latent_mode(name) or name in BUILTIN_NAMES or self.upscalers.has(name)):
+            allowed = ", ".join([*LATENT_MODES, *self.upscalers.names()])
+            raise InvalidRequest(f"unknown upscaler '{name}'; allowed: {allowed}", field="hr_upscaler")
 
     def checkpoints(self) -> list[CheckpointInfo]:
         return self.manager.checkpoints()

@@ -15,7 +15,8 @@ import torch
 from sdserver.models.sd_model import SDModel
 from sdserver.pipeline.chunking import Chunk, EmbeddingLookup, chunk_prompt, empty_chunk
 from sdserver.pipeline.emphasis import apply_emphasis, weights_for_mode
-from sdserver.pipeline.prompt_parser import prompt_schedule, schedule_index_at, split_and
+from sdserver.pipeline.extra_networks import parse_extra_networks
+from sdserver.pipeline.prompt_parser import prompt_schedule, schedule_index_at, split_and, strip_comments
 
 # Builds the token-embedding input of one chunk batch with textual-inversion vectors spliced in.
 TokenEmbedder = Callable[[SDModel, torch.Tensor, Sequence[Chunk]], Sequence[torch.Tensor | None] | None]
@@ -108,7 +109,9 @@ def encode_texts(
 def condition_prompt(
     cache: TextEncoderCache, prompt: str, steps: int, *, allow_and: bool = True, hires_steps: int | None = None
 ) -> PromptConditioning:
-    """`steps` counts denoiser calls the schedule refers to (A1111 doubles it for second-order samplers)."""
+    """`steps` counts denoiser calls the schedule refers to (A1111 doubles it for second-order samplers).
+    Comments and extra-network tags (`<lora:...>`) are removed first: they are instructions, not text."""
+    prompt = parse_extra_networks(strip_comments(prompt))[0]
     parts = split_and(prompt) if allow_and else [(prompt, 1.0)]
     scheduled = []
     for text, weight in parts:

@@ -1,0 +1,97 @@
+"""The local engine: device/precision choice, demo fallback, request dispatch and validation."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdserver.engine.devices import pick_device, pick_dtype
+from sdserver.engine.engine import LocalEngine, fallback_checkpoint, seamless
+from sdserver.engine.types import GenerationRequest, HiresParams, SamplingParams, SeedParams
+from sdserver.errors import InvalidRequest, NoModelAvailable
+from sdserver.models.manager import ModelManager
+from sdserver.settings import Settings
+from sdserver.upscalers.registry import UpscalerRegistry
+
+
+@pytest.fixture
+def engine(tiny_checkpoint: Path, tmp_path: Path) -> LocalEngine:
+    manager = ModelManager([tiny_checkpoint.parent], None, tmp_path / "cache.json", torch.device("cpu"), torch.float32)
+    return LocalEngine(manager, UpscalerRegistry({}))
+
+
+REQUEST = GenerationRequest(
+    prompt="a red circle <lora:nothing:0>  # a comment", width=64, height=64,
+    sampling=SamplingParams(sampler="euler", steps=2), seeds=SeedParams(seed=5),
+)
+
+
+def test_precision_follows_a1111_flags() -> None:
+    cpu = torch.device("cpu")
+    assert pick_dtype(cpu, "full", False, True) == torch.float32
+    assert pick_dtype(cpu, "autocast", True, True) == torch.float32
+    assert pick_dtype(cpu, "autocast", False, True) == torch.bfloat16
+    assert pick_dtype(cpu, "autocast", False, False) == torch.float32
+    assert pick_dtype(torch.device("cuda"), "autocast", False, False) == torch.float16
+    assert pick_device(("all",), None) == cpu
+
+
+def test_demo_model_is_the_fallback_only_without_user_checkpoints(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    demo = tmp_path / "demo.safetensors"
+    demo.write_bytes(b"x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    settings = Settings(data_dir=tmp_path)
+    assert fallback_checkpoint(settings, [empty], demo) == demo
+    assert fallback_checkpoint(settings, [tiny_checkpoint.parent], demo) is None
+    assert fallback_checkpoint(replace(settings, ckpt=tiny_checkpoint), [empty], demo) == tiny_checkpoint
+
+
+def test_generate_reports_the_model_identity(engine: LocalEngine, control) -> None:  # type: ignore[no-untyped-def]
+    result = engine.generate(REQUEST, control)
+    assert result.model_name == "tiny"
+    assert result.model_hash == engine.current_checkpoint().sha256[:10]  # type: ignore[union-attr]
+    # Prompt text keeps its tags: the infotext shows what the user wrote.
+    assert result.images[0].prompt == REQUEST.prompt
+
+
+def test_unknown_hires_upscaler_is_refused_before_sampling(engine: LocalEngine, control) -> None:  # type: ignore[no-untyped-def]
+    request = replace(REQUEST, hires=HiresParams(upscaler="4x-NoSuchModel"))
+    with pytest.raises(InvalidRequest) as err:
+        engine.generate(request, control)
+    assert err.value.field == "hr_upscaler"
+    assert control.steps == []
+
+
+def test_tiling_makes_convolutions_circular_only_during_the_request(engine: LocalEngine) -> None:
+    model = engine.manager.ensure_loaded()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with seamless(model, True):
+        assert all(c.padding_mode == "circular" for c in convs)
+    assert all(c.padding_mode == "zeros" for c in convs)
+
+
+def test_tiled_images_wrap_around(engine: LocalEngine, control) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    def seam(image) -> float:  # type: ignore[no-untyped-def]
+        a = np.asarray(image).astype(float)
+        inner = np.abs(np.diff(a, axis=1)).mean()
+        wrap = np.abs(a[:, 0] - a[:, -1]).mean()
+        return wrap / inner
+
+    plain = engine.generate(REQUEST, control).images[0].image
+    tiled = engine.generate(replace(REQUEST, tiling=True), control).images[0].image
+    assert seam(tiled) < seam(plain)
+
+
+def test_no_checkpoint_answers_with_where_to_put_one(tmp_path: Path, control) -> None:  # type: ignore[no-untyped-def]
+    manager = ModelManager([tmp_path / "none"], None, tmp_path / "cache.json", torch.device("cpu"), torch.float32)
+    engine = LocalEngine(manager, UpscalerRegistry({}))
+    with pytest.raises(NoModelAvailable) as err:
+        engine.generate(REQUEST, control)
+    assert "models/Stable-diffusion" in str(err.value) or "none" in str(err.value)
+    assert engine.default_size() == (512, 512)
