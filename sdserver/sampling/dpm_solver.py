@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from sdserver.sampling.noise import NoiseSampler
-from sdserver.sampling.samplers_k import get_ancestral_step
+from sdserver.sampling.samplers_k import Callback, ExtraArgs, OptionalNoise, get_ancestral_step
 
 Model = Callable[..., Tensor]
 
@@ -84,7 +84,8 @@ class _Solver:
         s1, s2 = t + r1 * h, t + r2 * h
         u1 = x - _sigma(s1) * (r1 * h).expm1() * eps
         eps_r1 = self.eps(cache, "eps_r1", u1, s1)
-        u2 = x - _sigma(s2) * (r2 * h).expm1() * eps - _sigma(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps)
+        u2 = (x - _sigma(s2) * (r2 * h).expm1() * eps
+              - _sigma(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps))
         eps_r2 = self.eps(cache, "eps_r2", u2, s2)
         return x - _sigma(t_next) * h.expm1() * eps - _sigma(t_next) / r2 * (h.expm1() / h - 1) * (eps_r2 - eps)
 
@@ -99,9 +100,9 @@ def _report(callback, x, i, t, denoised) -> None:
         callback({"x": x, "i": i, "sigma": _sigma(t), "sigma_hat": _sigma(t), "t": t, "denoised": denoised})
 
 
-def sample_dpm_fast(model: Model, x: Tensor, sigma_min: float, sigma_max: float, n: int, *, extra_args=None,
-                    callback=None, noise_sampler: NoiseSampler | None = None, eta: float = 0.0,
-                    s_noise: float = 1.0) -> Tensor:
+def sample_dpm_fast(model: Model, x: Tensor, sigma_min: float, sigma_max: float, n: int, *,
+                    extra_args: ExtraArgs = None, callback: Callback = None,
+                    noise_sampler: OptionalNoise = None, eta: float = 0.0, s_noise: float = 1.0) -> Tensor:
     """DPM-Solver-Fast: n model evaluations split into order-3 steps (then 2, 1) evenly in log sigma."""
     _check_range(float(sigma_min), float(sigma_max))
     solver = _Solver(model, extra_args or {})
@@ -130,10 +131,11 @@ def sample_dpm_fast(model: Model, x: Tensor, sigma_min: float, sigma_max: float,
     return x
 
 
-def sample_dpm_adaptive(model: Model, x: Tensor, sigma_min: float, sigma_max: float, *, extra_args=None,
-                        callback=None, noise_sampler: NoiseSampler | None = None, order: int = 3,
-                        rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05, pcoeff: float = 0.0,
-                        icoeff: float = 1.0, dcoeff: float = 0.0, accept_safety: float = 0.81, eta: float = 0.0,
+def sample_dpm_adaptive(model: Model, x: Tensor, sigma_min: float, sigma_max: float, *,
+                        extra_args: ExtraArgs = None, callback: Callback = None,
+                        noise_sampler: OptionalNoise = None, order: int = 3, rtol: float = 0.05,
+                        atol: float = 0.0078, h_init: float = 0.05, pcoeff: float = 0.0, icoeff: float = 1.0,
+                        dcoeff: float = 0.0, accept_safety: float = 0.81, eta: float = 0.0,
                         s_noise: float = 1.0) -> Tensor:
     """DPM-Solver-12/23 with PID step-size control; the number of steps is chosen by the error estimate."""
     _check_range(float(sigma_min), float(sigma_max))

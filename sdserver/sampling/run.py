@@ -8,7 +8,7 @@ timestep below the noise level of their input; SDE samplers size their Brownian 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -58,7 +58,8 @@ def sampler_schedule(sampler_id: str, schedule: DiscreteSchedule) -> DiscreteSch
     return schedule.lcm() if get_sampler(sampler_id).denoiser == "lcm" else schedule
 
 
-def make_denoiser(sampler_id: str, model_fn: ModelFn, schedule: DiscreteSchedule, prediction: Prediction = "eps") -> DenoiserFn:
+def make_denoiser(sampler_id: str, model_fn: ModelFn, schedule: DiscreteSchedule,
+                  prediction: Prediction = "eps") -> DenoiserFn:
     """The sigma-space denoiser A1111 wraps the UNet in for this sampler (LCM has its own)."""
     if get_sampler(sampler_id).denoiser == "lcm":
         return LCMDenoiser(model_fn, schedule.lcm())

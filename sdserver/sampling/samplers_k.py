@@ -20,6 +20,8 @@ from sdserver.sampling.noise import NoiseSampler
 
 Model = Callable[..., Tensor]
 Callback = Callable[[dict[str, Any]], None] | None
+ExtraArgs = dict[str, Any] | None
+OptionalNoise = NoiseSampler | None
 
 
 def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
@@ -60,7 +62,8 @@ def _report(callback: Callback, i: int, x: Tensor, sigma: Tensor, sigma_hat: Ten
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
 
 
-def _churn(x: Tensor, sigmas: Tensor, i: int, noise_sampler, s_churn, s_tmin, s_tmax, s_noise) -> tuple[Tensor, Tensor]:
+def _churn(x: Tensor, sigmas: Tensor, i: int, noise_sampler: OptionalNoise, s_churn: float, s_tmin: float,
+           s_tmax: float, s_noise: float) -> tuple[Tensor, Tensor]:
     """Karras' stochastic churn: raise sigma to sigma_hat by adding noise. k-diffusion draws the noise on
     every step, used or not, so the image generators advance the same way as in A1111."""
     gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
@@ -73,8 +76,9 @@ def _churn(x: Tensor, sigmas: Tensor, i: int, noise_sampler, s_churn, s_tmin, s_
     return x, sigma_hat
 
 
-def sample_euler(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=None, callback: Callback = None,
-                 noise_sampler=None, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0) -> Tensor:
+def sample_euler(model: Model, x: Tensor, sigmas: Tensor, *, extra_args: ExtraArgs = None,
+                 callback: Callback = None, noise_sampler: OptionalNoise = None, s_churn: float = 0.0,
+                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> Tensor:
     """Karras et al. (2022) Algorithm 2 with Euler steps."""
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])
@@ -87,8 +91,9 @@ def sample_euler(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=None, ca
     return x
 
 
-def sample_euler_ancestral(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=None, callback: Callback = None,
-                           noise_sampler=None, eta=1.0, s_noise=1.0) -> Tensor:
+def sample_euler_ancestral(model: Model, x: Tensor, sigmas: Tensor, *, extra_args: ExtraArgs = None,
+                           callback: Callback = None, noise_sampler: OptionalNoise = None, eta: float = 1.0,
+                           s_noise: float = 1.0) -> Tensor:
     """Ancestral sampling with Euler steps."""
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])
@@ -102,8 +107,9 @@ def sample_euler_ancestral(model: Model, x: Tensor, sigmas: Tensor, *, extra_arg
     return x
 
 
-def sample_heun(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=None, callback: Callback = None,
-                noise_sampler=None, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0) -> Tensor:
+def sample_heun(model: Model, x: Tensor, sigmas: Tensor, *, extra_args: ExtraArgs = None,
+                callback: Callback = None, noise_sampler: OptionalNoise = None, s_churn: float = 0.0,
+                s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> Tensor:
     """Karras et al. (2022) Algorithm 2 with Heun steps (Euler on the last step to 0)."""
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])
@@ -122,8 +128,9 @@ def sample_heun(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=None, cal
     return x
 
 
-def sample_dpm_2(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=None, callback: Callback = None,
-                 noise_sampler=None, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0) -> Tensor:
+def sample_dpm_2(model: Model, x: Tensor, sigmas: Tensor, *, extra_args: ExtraArgs = None,
+                 callback: Callback = None, noise_sampler: OptionalNoise = None, s_churn: float = 0.0,
+                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> Tensor:
     """DPM-Solver-2 style midpoint steps (midpoint in log sigma) with Karras churn."""
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])
@@ -142,8 +149,9 @@ def sample_dpm_2(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=None, ca
     return x
 
 
-def sample_dpm_2_ancestral(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=None, callback: Callback = None,
-                           noise_sampler=None, eta=1.0, s_noise=1.0) -> Tensor:
+def sample_dpm_2_ancestral(model: Model, x: Tensor, sigmas: Tensor, *, extra_args: ExtraArgs = None,
+                           callback: Callback = None, noise_sampler: OptionalNoise = None, eta: float = 1.0,
+                           s_noise: float = 1.0) -> Tensor:
     """Ancestral sampling with DPM-Solver-2 midpoint steps."""
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])
@@ -180,8 +188,8 @@ def linear_multistep_coeff(order: int, t: np.ndarray, i: int, j: int) -> float:
     return float(antiderivative(float(t[i + 1])) - antiderivative(float(t[i])))
 
 
-def sample_lms(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=None, callback: Callback = None,
-               noise_sampler=None, order: int = 4) -> Tensor:
+def sample_lms(model: Model, x: Tensor, sigmas: Tensor, *, extra_args: ExtraArgs = None,
+               callback: Callback = None, noise_sampler: OptionalNoise = None, order: int = 4) -> Tensor:
     """Linear multistep (Adams-Bashforth in sigma) of order up to 4."""
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])
@@ -207,8 +215,9 @@ def _t_fn(sigma: Tensor) -> Tensor:
     return sigma.log().neg()
 
 
-def sample_dpmpp_2s_ancestral(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=None, callback: Callback = None,
-                              noise_sampler=None, eta=1.0, s_noise=1.0) -> Tensor:
+def sample_dpmpp_2s_ancestral(model: Model, x: Tensor, sigmas: Tensor, *, extra_args: ExtraArgs = None,
+                              callback: Callback = None, noise_sampler: OptionalNoise = None, eta: float = 1.0,
+                              s_noise: float = 1.0) -> Tensor:
     """Ancestral sampling with DPM-Solver++(2S) second-order steps."""
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])
@@ -230,8 +239,9 @@ def sample_dpmpp_2s_ancestral(model: Model, x: Tensor, sigmas: Tensor, *, extra_
     return x
 
 
-def sample_dpmpp_sde(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=None, callback: Callback = None,
-                     noise_sampler=None, eta=1.0, s_noise=1.0, r: float = 1 / 2) -> Tensor:
+def sample_dpmpp_sde(model: Model, x: Tensor, sigmas: Tensor, *, extra_args: ExtraArgs = None,
+                     callback: Callback = None, noise_sampler: OptionalNoise = None, eta: float = 1.0,
+                     s_noise: float = 1.0, r: float = 1 / 2) -> Tensor:
     """DPM-Solver++ (stochastic), two model calls per step."""
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])
@@ -258,8 +268,8 @@ def sample_dpmpp_sde(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=None
     return x
 
 
-def sample_dpmpp_2m(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=None, callback: Callback = None,
-                    noise_sampler=None) -> Tensor:
+def sample_dpmpp_2m(model: Model, x: Tensor, sigmas: Tensor, *, extra_args: ExtraArgs = None,
+                    callback: Callback = None, noise_sampler: OptionalNoise = None) -> Tensor:
     """DPM-Solver++(2M), deterministic multistep."""
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])
@@ -279,8 +289,9 @@ def sample_dpmpp_2m(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=None,
     return x
 
 
-def sample_dpmpp_2m_sde(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=None, callback: Callback = None,
-                        noise_sampler=None, eta=1.0, s_noise=1.0, solver_type: str = "midpoint") -> Tensor:
+def sample_dpmpp_2m_sde(model: Model, x: Tensor, sigmas: Tensor, *, extra_args: ExtraArgs = None,
+                        callback: Callback = None, noise_sampler: OptionalNoise = None, eta: float = 1.0,
+                        s_noise: float = 1.0, solver_type: str = "midpoint") -> Tensor:
     """DPM-Solver++(2M) SDE; `solver_type` "midpoint" (DPM++ 2M SDE) or "heun" (DPM++ 2M SDE Heun)."""
     if solver_type not in ("heun", "midpoint"):
         raise ValueError("solver_type must be 'heun' or 'midpoint'")
@@ -310,8 +321,9 @@ def sample_dpmpp_2m_sde(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=N
     return x
 
 
-def sample_dpmpp_3m_sde(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=None, callback: Callback = None,
-                        noise_sampler=None, eta=1.0, s_noise=1.0) -> Tensor:
+def sample_dpmpp_3m_sde(model: Model, x: Tensor, sigmas: Tensor, *, extra_args: ExtraArgs = None,
+                        callback: Callback = None, noise_sampler: OptionalNoise = None, eta: float = 1.0,
+                        s_noise: float = 1.0) -> Tensor:
     """DPM-Solver++(3M) SDE."""
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])
@@ -367,8 +379,10 @@ def _restart_step_list(sigmas: Tensor) -> list[tuple[Tensor, Tensor]]:
         restart_steps, restart_times = 9, 1
         if steps >= _RESTART_TWICE_STEPS:
             restart_steps, restart_times = steps // 4, 2
-        sigmas = get_sigmas_karras(steps - restart_steps * restart_times, sigmas[-2].item(), sigmas[0].item()).to(sigmas.device)
-        restart_list = {int(torch.argmin(abs(sigmas - _RESTART_SIGMA_MIN), dim=0)): (restart_steps + 1, restart_times, _RESTART_SIGMA_MAX)}
+        n_main = steps - restart_steps * restart_times
+        sigmas = get_sigmas_karras(n_main, sigmas[-2].item(), sigmas[0].item()).to(sigmas.device)
+        at = int(torch.argmin(abs(sigmas - _RESTART_SIGMA_MIN), dim=0))
+        restart_list = {at: (restart_steps + 1, restart_times, _RESTART_SIGMA_MAX)}
     step_list = []
     for i in range(len(sigmas) - 1):
         step_list.append((sigmas[i], sigmas[i + 1]))
@@ -377,14 +391,16 @@ def _restart_step_list(sigmas: Tensor) -> list[tuple[Tensor, Tensor]]:
             min_idx = i + 1
             max_idx = int(torch.argmin(abs(sigmas - restart_max), dim=0))
             if max_idx < min_idx:
-                sigma_restart = get_sigmas_karras(restart_steps, sigmas[min_idx].item(), sigmas[max_idx].item()).to(sigmas.device)[:-1]
+                lo, hi = sigmas[min_idx].item(), sigmas[max_idx].item()
+                sigma_restart = get_sigmas_karras(restart_steps, lo, hi).to(sigmas.device)[:-1]
                 for _ in range(restart_times):
                     step_list.extend(zip(sigma_restart[:-1], sigma_restart[1:]))
     return step_list
 
 
-def sample_restart(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=None, callback: Callback = None,
-                   noise_sampler=None, s_noise=1.0) -> Tensor:
+def sample_restart(model: Model, x: Tensor, sigmas: Tensor, *, extra_args: ExtraArgs = None,
+                   callback: Callback = None, noise_sampler: OptionalNoise = None,
+                   s_noise: float = 1.0) -> Tensor:
     """A1111's Restart sampler: Heun steps on a Karras schedule with re-noised restart segments.
 
     Like A1111, from 20 steps on it replaces the given schedule by a Karras one over the same range.
@@ -412,8 +428,8 @@ def sample_restart(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=None, 
     return x
 
 
-def sample_lcm(model: Model, x: Tensor, sigmas: Tensor, *, extra_args=None, callback: Callback = None,
-               noise_sampler=None) -> Tensor:
+def sample_lcm(model: Model, x: Tensor, sigmas: Tensor, *, extra_args: ExtraArgs = None,
+               callback: Callback = None, noise_sampler: OptionalNoise = None) -> Tensor:
     """Latent Consistency Model sampling: jump to the denoised estimate, re-noise to the next sigma."""
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from sdserver.sampling.discrete import DiscreteSchedule
 from sdserver.sampling.noise import NoiseSampler
+from sdserver.sampling.samplers_k import Callback, ExtraArgs, OptionalNoise
 
 Model = Callable[..., Tensor]
 # DDIM CFG++ maps A1111's CFG scale range [0, 12.5] onto the method's guidance range [0, 1].
@@ -30,7 +31,8 @@ def _ve_input(x_vp: Tensor, sigma: Tensor) -> Tensor:
     return x_vp * (sigma**2 + 1) ** 0.5
 
 
-def eps_at_timestep(model: Model, x_vp: Tensor, t: int, schedule: DiscreteSchedule, extra_args: dict[str, Any]) -> Tensor:
+def eps_at_timestep(model: Model, x_vp: Tensor, t: int, schedule: DiscreteSchedule,
+                    extra_args: dict[str, Any]) -> Tensor:
     """The (guided) UNet eps for the VP latent `x_vp` at integer timestep `t`."""
     sigma = schedule.sigmas[t].to(x_vp.device)
     x_ve = _ve_input(x_vp, sigma)
@@ -98,8 +100,9 @@ def _ddim_loop(eps_fn, x: Tensor, timesteps: Sequence[int], schedule: DiscreteSc
     return x
 
 
-def sample_ddim(model: Model, x: Tensor, timesteps: Sequence[int], *, schedule: DiscreteSchedule, extra_args=None,
-                callback=None, noise_sampler: NoiseSampler | None = None, eta: float = 0.0) -> Tensor:
+def sample_ddim(model: Model, x: Tensor, timesteps: Sequence[int], *, schedule: DiscreteSchedule,
+                extra_args: ExtraArgs = None, callback: Callback = None, noise_sampler: OptionalNoise = None,
+                eta: float = 0.0) -> Tensor:
     """DDIM (Song et al. 2020) over ascending integer `timesteps`; `x` is the VP latent. Returns VP x."""
     extra_args = extra_args or {}
 
@@ -111,8 +114,8 @@ def sample_ddim(model: Model, x: Tensor, timesteps: Sequence[int], *, schedule: 
 
 
 def sample_ddim_cfgpp(model: Model, x: Tensor, timesteps: Sequence[int], *, schedule: DiscreteSchedule,
-                      extra_args=None, callback=None, noise_sampler: NoiseSampler | None = None,
-                      eta: float = 0.0) -> Tensor:
+                      extra_args: ExtraArgs = None, callback: Callback = None,
+                      noise_sampler: OptionalNoise = None, eta: float = 0.0) -> Tensor:
     """DDIM with CFG++ (Chung et al. 2024): x0 from the guided eps (CFG scale / 12.5), the direction to x_t
     from the unconditional eps."""
     extra_args = extra_args or {}
@@ -120,8 +123,9 @@ def sample_ddim_cfgpp(model: Model, x: Tensor, timesteps: Sequence[int], *, sche
                       x, timesteps, schedule, callback, noise_sampler, eta)
 
 
-def sample_plms(model: Model, x: Tensor, timesteps: Sequence[int], *, schedule: DiscreteSchedule, extra_args=None,
-                callback=None, noise_sampler: NoiseSampler | None = None) -> Tensor:
+def sample_plms(model: Model, x: Tensor, timesteps: Sequence[int], *, schedule: DiscreteSchedule,
+                extra_args: ExtraArgs = None, callback: Callback = None,
+                noise_sampler: OptionalNoise = None) -> Tensor:
     """PLMS (Liu et al. 2022): a pseudo improved-Euler first step, then Adams-Bashforth of order 2 to 4 in eps."""
     extra_args = extra_args or {}
     tables = _Alphas(schedule, timesteps, 0.0)

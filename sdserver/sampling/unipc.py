@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 
 from sdserver.sampling.discrete import DiscreteSchedule
+from sdserver.sampling.noise import NoiseSampler
+from sdserver.sampling.samplers_k import Callback, ExtraArgs, OptionalNoise
 
 Model = Callable[..., Tensor]
 SKIP_TYPES = ("time_uniform", "time_quadratic", "logSNR")
@@ -130,7 +132,10 @@ class _UniPC:
 
         d1s_t = torch.stack(d1s, dim=1) if d1s else None
         if d1s_t is not None:
-            rhos_p = torch.tensor([0.5], device=x.device) if order == 2 else torch.linalg.solve(r_mat[:-1, :-1], b_t[:-1])
+            if order == 2:
+                rhos_p = torch.tensor([0.5], device=x.device)
+            else:
+                rhos_p = torch.linalg.solve(r_mat[:-1, :-1], b_t[:-1])
         if use_corrector:
             rhos_c = torch.tensor([0.5], device=x.device) if order == 1 else torch.linalg.solve(r_mat, b_t)
 
@@ -145,9 +150,11 @@ class _UniPC:
         return x_t, model_t
 
 
-def sample_unipc(model: Model, x: Tensor, steps: int, *, schedule: DiscreteSchedule, t_start: Tensor | float | None = None,
-                 extra_args=None, callback=None, noise_sampler=None, order: int = 3, variant: str = "bh1",
-                 skip_type: str = "time_uniform", lower_order_final: bool = True) -> Tensor:
+def sample_unipc(model: Model, x: Tensor, steps: int, *, schedule: DiscreteSchedule,
+                 t_start: Tensor | float | None = None, extra_args: ExtraArgs = None,
+                 callback: Callback = None, noise_sampler: OptionalNoise = None, order: int = 3,
+                 variant: str = "bh1", skip_type: str = "time_uniform",
+                 lower_order_final: bool = True) -> Tensor:
     """UniPC on the VP latent `x` from t_start (default T = 1) to t = 1/N in `steps` steps; returns VP x.
 
     `order` is capped at `steps` (A1111 asserts instead).

@@ -78,7 +78,8 @@ def test_dpm_adaptive_meets_its_tolerance(gaussian):
 def test_full_schedule_to_zero_lands_on_the_exact_sample(gaussian, fn):
     # Karras-style schedule ending in 0: the answer is x_T * s / sqrt(s^2 + sigma_T^2)
     ramp = torch.linspace(0, 1, 60, dtype=torch.float64)
-    sigmas = torch.cat([(14.6 ** (1 / 7) + ramp * (0.03 ** (1 / 7) - 14.6 ** (1 / 7))) ** 7, torch.zeros(1, dtype=torch.float64)])
+    karras = (14.6 ** (1 / 7) + ramp * (0.03 ** (1 / 7) - 14.6 ** (1 / 7))) ** 7
+    sigmas = torch.cat([karras, torch.zeros(1, dtype=torch.float64)])
     out = fn(gaussian(S), X_T.clone(), sigmas)
     assert rel_error(out, exact(X_T, 14.6, 0.0)) < 5e-3
 
@@ -111,3 +112,46 @@ def test_unipc_converges(gaussian, schedule):
     uniform = [rel_error(unipc.sample_unipc(gaussian(S), x_vp.clone(), n, schedule=schedule, variant=variant), want)
                for n in (10, 40) for variant in ("bh1", "bh2")]
     assert uniform[2] < uniform[0] / 2 and uniform[3] < uniform[1] / 2 and max(uniform[2:]) < 0.03
+
+
+def _nonlinear_eps_model():
+    """A made-up eps UNet, nonlinear in x_t and t, to check the sigma-space route against eps space."""
+    w = torch.tensor([[0.9, 0.1, 0.0, -0.2], [0.0, 0.8, 0.3, 0.0], [0.1, 0.0, 0.7, 0.2], [-0.1, 0.2, 0.0, 0.6]])
+
+    def model_fn(x_t, t, **extra):
+        t = torch.as_tensor(t, dtype=x_t.dtype).reshape(-1, 1, 1, 1)
+        return torch.tanh(torch.einsum("bchw,cd->bdhw", x_t, w)) * (1 - t / 2000) + 0.05 * torch.sin(t / 100)
+
+    return model_fn
+
+
+def test_ddim_over_the_sigma_denoiser_equals_eps_space_ddim(schedule):
+    from sdserver.sampling.discrete import Denoiser
+
+    model_fn = _nonlinear_eps_model()
+    timesteps = list(range(1, 1000, 100))
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(3))
+    got = samplers_timestep.sample_ddim(Denoiser(model_fn, schedule), x.clone(), timesteps, schedule=schedule)
+
+    # DDIM (eta = 0) written directly on the eps model, A1111's loop: from the last timestep down to the
+    # second, landing on the first
+    ac = schedule.alphas_cumprod.double()
+    want = x.double()
+    for index in range(len(timesteps) - 1, 0, -1):
+        t, t_prev = timesteps[index], timesteps[index - 1]
+        eps = model_fn(want.float(), torch.full((2,), float(t))).double()
+        pred_x0 = (want - (1 - ac[t]).sqrt() * eps) / ac[t].sqrt()
+        want = ac[t_prev].sqrt() * pred_x0 + (1 - ac[t_prev]).sqrt() * eps
+    assert torch.allclose(got.double(), want, atol=2e-5, rtol=1e-5)
+
+
+def test_unipc_model_calls_see_the_eps_of_fractional_timesteps(schedule):
+    from sdserver.sampling.discrete import Denoiser
+
+    model_fn = _nonlinear_eps_model()
+    ns = unipc.NoiseScheduleVP(schedule.alphas_cumprod)
+    solver = unipc._UniPC(Denoiser(model_fn, schedule), schedule, ns, {}, "bh1")
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([0.4567, 0.4567])
+    direct = model_fn(x, ns.model_time(t))
+    assert torch.allclose(solver.eps(x, t), direct, atol=2e-5)
