@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,10 +23,12 @@ from sdserver.models import catalog
 from sdserver.models.build import build_model, check_component, component_modules
 from sdserver.models.families import FamilyMatch, detect
 from sdserver.models.files import load_state_dict, read_metadata, read_shapes
-from sdserver.models.hashing import HashCache
+from sdserver.models.hashing import HashCache, cached_sha256
 from sdserver.models.prediction import resolve_prediction
 from sdserver.models.sd_model import SDModel
+from sdserver.models.nn.vae import AutoencoderKL
 from sdserver.models.tokenizer import CLIPTokenizer
+from sdserver.models.vae_files import AUTOMATIC, VaeInfo, find_vae_files, load_vae, resolve_vae
 
 
 def validate_file(path: Path) -> FamilyMatch:
@@ -68,6 +71,14 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+@dataclass(frozen=True)
+class _Entry:
+    info: CheckpointInfo
+    model: SDModel
+    own_vae: AutoencoderKL  # the checkpoint's VAE, put back when the choice returns to it
+    vae: VaeInfo | None = None  # the separate VAE file in use, if any
+
+
 class ModelManager:
     """Scans checkpoint folders, loads, caches and unloads models. Nothing else holds "the current model"."""
 
@@ -83,6 +94,7 @@ class ModelManager:
         hash_on_scan: bool = True,
         hashing: bool = True,
         prediction_overrides: dict[str, str] | None = None,
+        vae_dirs: list[Path] | None = None,
     ) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
@@ -99,7 +111,9 @@ class ModelManager:
         self._lock = threading.RLock()
         self._infos: list[CheckpointInfo] | None = None
         self._aliases: dict[str, CheckpointInfo] = {}
-        self._loaded: OrderedDict[str, tuple[CheckpointInfo, SDModel]] = OrderedDict()  # filename → entry
+        self.vae_dirs = [Path(d) for d in vae_dirs or []]
+        self._vae_choice = AUTOMATIC  # A1111's default `sd_vae`
+        self._loaded: OrderedDict[str, _Entry] = OrderedDict()  # filename → entry
         self._current: str | None = None
         self._last: CheckpointInfo | None = None  # what `reload` brings back after `unload`
         self._tokenizer: CLIPTokenizer | None = None
@@ -149,18 +163,18 @@ class ModelManager:
     def current(self) -> SDModel | None:
         with self._lock:
             entry = self._loaded.get(self._current) if self._current else None
-            return entry[1] if entry else None
+            return entry.model if entry else None
 
     @property
     def current_info(self) -> CheckpointInfo | None:
         with self._lock:
             entry = self._loaded.get(self._current) if self._current else None
-            return entry[0] if entry else None
+            return entry.info if entry else None
 
     def loaded(self) -> list[CheckpointInfo]:
         """Cached models, least recently used first."""
         with self._lock:
-            return [info for info, _ in self._loaded.values()]
+            return [entry.info for entry in self._loaded.values()]
 
     def ensure_loaded(self) -> SDModel:
         """The current model, loading the default checkpoint when none is loaded."""
@@ -173,21 +187,22 @@ class ModelManager:
             raise NoModelAvailable(self._no_model_message())
         info = self.resolve(name_or_info) if isinstance(name_or_info, str) else name_or_info
         with self._lock:
-            if info.filename in self._loaded:
-                self._loaded.move_to_end(info.filename)
-                self._current = info.filename
-                return self._loaded[info.filename][1]
+            cached = self._loaded.get(info.filename)
+        if cached is not None:
+            self._install(self._apply_vae(cached))
+            return cached.model
         model = self._read(info)
         if self._hashing and info.sha256 is None:
             info = self._hash(info)
-        self._install(info, model)
+        self._install(self._apply_vae(_Entry(info, model, model.vae)))
         return model
 
-    def _install(self, info: CheckpointInfo, model: SDModel) -> None:
+    def _install(self, entry: _Entry) -> None:
+        filename = entry.info.filename
         with self._lock:
-            self._loaded[info.filename] = (info, model)
-            self._loaded.move_to_end(info.filename)
-            self._current = info.filename
+            self._loaded[filename] = entry
+            self._loaded.move_to_end(filename)
+            self._current = filename
             evicted = len(self._loaded) > self.limit
             while len(self._loaded) > self.limit:
                 self._loaded.popitem(last=False)
@@ -229,7 +244,7 @@ class ModelManager:
         """Drop every loaded model and free its memory; `reload` brings the current one back."""
         with self._lock:
             if self._current is not None and self._current in self._loaded:
-                self._last = self._loaded[self._current][0]
+                self._last = self._loaded[self._current].info
             self._loaded.clear()
             self._current = None
         free_memory()
@@ -237,9 +252,53 @@ class ModelManager:
     def reload(self) -> SDModel | None:
         """Re-read the current (or last unloaded) checkpoint from disk; None when there was none."""
         with self._lock:
-            info = self._loaded[self._current][0] if self._current in self._loaded else self._last
+            info = self._loaded[self._current].info if self._current in self._loaded else self._last
         if info is None:
             return None
         model = self._read(info)
-        self._install(info, model)
+        self._install(self._apply_vae(_Entry(info, model, model.vae)))
         return model
+
+    # separate VAE files
+
+    def vae_files(self) -> list[Path]:
+        return find_vae_files(self.vae_dirs, self.checkpoint_dirs)
+
+    @property
+    def vae_choice(self) -> str:
+        return self._vae_choice
+
+    @property
+    def current_vae(self) -> VaeInfo | None:
+        """The separate VAE file the current model uses; None when it uses its own."""
+        with self._lock:
+            entry = self._loaded.get(self._current) if self._current else None
+            return entry.vae if entry else None
+
+    def set_vae(self, choice: str | None) -> VaeInfo | None:
+        """Choose the VAE as A1111's `sd_vae` does ("Automatic", "None" or a file name; None means
+        "Automatic"), for the current model now and for models loaded later. A bad choice changes nothing."""
+        choice = choice or AUTOMATIC
+        with self._lock:
+            entry = self._loaded.get(self._current) if self._current else None
+        checkpoint = Path(entry.info.filename) if entry else None
+        resolve_vae(choice, self.vae_files(), checkpoint)  # validates the name even with no model loaded
+        if entry is not None:
+            entry = self._apply_vae(entry, choice)
+            with self._lock:
+                if entry.info.filename in self._loaded:
+                    self._loaded[entry.info.filename] = entry
+        self._vae_choice = choice
+        return entry.vae if entry else None
+
+    def _apply_vae(self, entry: _Entry, choice: str | None = None) -> _Entry:
+        """`entry` with the chosen VAE in its model (loading a file when it differs from the one in use)."""
+        path = resolve_vae(choice or self._vae_choice, self.vae_files(), Path(entry.info.filename))
+        if path is None:
+            entry.model.vae = entry.own_vae
+            return dataclasses.replace(entry, vae=None)
+        if entry.vae is not None and entry.vae.filename == str(path):
+            return entry
+        entry.model.vae = load_vae(path, entry.model.spec.vae, self.dtype, self.device)
+        sha = cached_sha256(path, f"vae/{path.name}", self._cache) if self._hashing else None
+        return dataclasses.replace(entry, vae=VaeInfo(path.name, str(path), sha[:10] if sha else None, sha))
