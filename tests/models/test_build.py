@@ -11,7 +11,7 @@ from sdserver.models.build import build_model
 from sdserver.models.config_metadata import encode_config_metadata
 from sdserver.models.families import detect
 from sdserver.models.files import load_state_dict, read_metadata, read_shapes
-from sdserver.models.manager import load_checkpoint, validate_file
+from sdserver.models.loader import load_checkpoint, validate_file
 from sdserver.models.nn.clip import CLIPTextModel
 from sdserver.models.nn.unet import UNetModel
 from sdserver.models.synthetic import (

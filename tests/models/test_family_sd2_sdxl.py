@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sdserver.models.families import detect
-from sdserver.models.manager import load_checkpoint, validate_file
+from sdserver.models.loader import load_checkpoint, validate_file
 from sdserver.models.nn.clip import CLIPTextModel
 from sdserver.models.nn.config import TextEncoderConfig
 from sdserver.models.openclip import hf_to_openclip, openclip_to_hf
