@@ -33,6 +33,7 @@ from torch import nn
 from sdserver.errors import ModelLoadError
 from sdserver.models import unpickler
 from sdserver.models.hashing import sha256_file
+from sdserver.models.sd_model import repad
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +175,18 @@ class EmbeddingMatch(NamedTuple):
 class SlotLike(Protocol):
     """Where one embedding's vectors go: the chunking code's `EmbeddingSlot`."""
 
-    name: str
-    offset: int  # index in the token row (BOS is 0) of the first vector
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def offset(self) -> int: ...  # index in the token row (BOS is 0) of the first vector
+
+
+class ChunkLike(Protocol):
+    """A 77-token chunk with its embedding slots: the chunking code's `Chunk`."""
+
+    @property
+    def embeddings(self) -> Sequence[SlotLike]: ...
 
 
 class TokenizerLike(Protocol):
@@ -232,6 +243,21 @@ class ModelEmbeddings:
                 if n > 0:
                     embeds[row, slot.offset : slot.offset + n] = vectors[:n]
         return embeds
+
+    def embed_chunks(
+        self, model: nn.Module, tokens: torch.Tensor, chunks: Sequence[ChunkLike]
+    ) -> list[torch.Tensor | None] | None:
+        """The conditioning code's `TokenEmbedder`: per text encoder of `model`, the token-embedding input of one
+        chunk batch (`tokens` [B, 77], `chunks` their Chunk objects), or None when no chunk holds an embedding.
+        Each encoder sees its own padding (OpenCLIP pads with 0 after the first EOS), as `encode_tokens` does."""
+        placements = [chunk.embeddings for chunk in chunks]
+        if not any(placements):
+            return None
+        eos = model.tokenizer.eos_id  # type: ignore[attr-defined]
+        return [
+            self.token_embeds(repad(tokens, eos, encoder.config.pad_token), placements, encoder)
+            for encoder in model.text_encoders  # type: ignore[attr-defined]
+        ]
 
     def hash(self, name: str) -> str:
         """The 12-hex short hash for `TI hashes`."""
