@@ -24,7 +24,7 @@ from sdserver.engine.types import (
     Interrupted,
     Skipped,
 )
-from sdserver.errors import QueueFull
+from sdserver.errors import QueueFull, SdServerError
 from sdserver.jobs.control import PreviewEvery, WorkerControl
 from sdserver.jobs.errors import DuplicateJobId, JobCancelled, UnknownJob
 from sdserver.jobs.faults import is_out_of_memory, out_of_memory_error
@@ -452,6 +452,9 @@ class JobQueue:
                 self._free_memory(worker.engine)
                 error = out_of_memory_error(job.request)
                 error.__cause__ = exc
+            elif isinstance(exc, SdServerError):  # expected (bad input, no model): no traceback needed
+                log.warning("job %s (%s) failed: %s: %s", job.id, job.name, type(exc).__name__, exc.message)
+                error = exc
             else:
                 log.exception("job %s (%s) failed", job.id, job.name)
                 error = exc
@@ -473,7 +476,7 @@ class JobQueue:
 
     @staticmethod
     def _free_memory(engine: Engine) -> None:
-        free = getattr(engine, "free_memory", None)
+        free = getattr(engine, "free_caches", None)
         if callable(free):
             try:
                 free()

@@ -91,7 +91,7 @@ class FakeEngine:
         return GenerationResult(images=tuple(images), model_name=self.loaded.model_name,
                                 model_hash=self.loaded.hash, interrupted=interrupted)
 
-    def free_memory(self) -> None:
+    def free_caches(self) -> None:
         self.freed += 1
 
     def checkpoints(self) -> list[CheckpointInfo]:

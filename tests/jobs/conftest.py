@@ -74,7 +74,7 @@ class StubEngine:
         self.previews += 1
         return Image.new("RGB", (8, 8), (0, 255, 0))
 
-    def free_memory(self) -> None:
+    def free_caches(self) -> None:
         self.freed += 1
 
     def checkpoints(self) -> list[CheckpointInfo]:
