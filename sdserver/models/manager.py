@@ -40,7 +40,13 @@ class _Entry:
 
 
 class ModelManager:
-    """Scans checkpoint folders, loads, caches and unloads models. Nothing else holds "the current model"."""
+    """Scans checkpoint folders, loads, caches and unloads models. Nothing else holds "the current model".
+
+    Hashes follow A1111: listings take sha256 values from the on-disk cache only, and a checkpoint is hashed
+    (and cached) when it is first loaded, so a large library doesn't stall startup; `hash_on_scan` hashes
+    every file while scanning instead, `hashing=False` never hashes (A1111's --no-hashing). `vae_dirs` are
+    the folders of separate VAE files (`set_vae`); `prediction_overrides` maps checkpoint names to "eps"/"v".
+    """
 
     def __init__(
         self,
@@ -51,7 +57,7 @@ class ModelManager:
         dtype: torch.dtype,
         limit: int = 1,
         *,
-        hash_on_scan: bool = True,
+        hash_on_scan: bool = False,
         hashing: bool = True,
         prediction_overrides: dict[str, str] | None = None,
         vae_dirs: list[Path] | None = None,

@@ -37,7 +37,7 @@ def test_no_checkpoint(ckpt_dir: Path, tmp_path: Path) -> None:
 
 
 def test_listing_resolve_and_load(three: Path, tmp_path: Path) -> None:
-    manager = _manager(three, tmp_path)
+    manager = _manager(three, tmp_path, hash_on_scan=True)
     infos = manager.checkpoints()
     assert [i.name for i in infos] == ["a.safetensors", "b.safetensors", "c.safetensors"]
     assert all(i.hash and i.title == f"{i.name} [{i.hash}]" for i in infos)
@@ -89,13 +89,16 @@ def test_unload_frees_and_reload_restores(three: Path, tmp_path: Path) -> None:
 
 
 def test_hashes_come_from_the_cache_after_restart(three: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    first = _manager(three, tmp_path).checkpoints()
+    first = _manager(three, tmp_path, hash_on_scan=True).checkpoints()
     monkeypatch.setattr(hashing, "sha256_file", lambda *a, **k: pytest.fail("rehashed a cached file"))
+    assert _manager(three, tmp_path, hash_on_scan=True).checkpoints() == first
+    assert all(i.hash for i in first)
+    # Without hashing on scan, cached values still show in listings.
     assert _manager(three, tmp_path).checkpoints() == first
 
 
-def test_hash_on_load_when_not_hashing_on_scan(three: Path, tmp_path: Path) -> None:
-    manager = _manager(three, tmp_path, hash_on_scan=False)
+def test_hash_on_load_by_default(three: Path, tmp_path: Path) -> None:
+    manager = _manager(three, tmp_path)
     assert manager.checkpoints()[0].hash is None
     manager.load("a.safetensors")
     info = manager.current_info
@@ -110,6 +113,9 @@ def test_refresh_sees_new_files(three: Path, tmp_path: Path, tiny_state: dict[st
     assert len(manager.checkpoints()) == 3
     manager.refresh()
     assert manager.resolve("new/d.ckpt").model_name == "new_d"
+    manager.load("new/d.ckpt")
+    assert manager.current_info is not None and manager.current_info.hash is None  # --no-hashing
+    assert not (tmp_path / "data" / "cache.json").exists()
 
 
 def test_listing_from_another_thread_while_loading(three: Path, tmp_path: Path) -> None:
