@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from scipy import integrate
 from torch import Tensor
 
 from sdserver.sampling.noise import NoiseSampler
@@ -174,18 +175,20 @@ def sample_dpm_2_ancestral(model: Model, x: Tensor, sigmas: Tensor, *, extra_arg
 def linear_multistep_coeff(order: int, t: np.ndarray, i: int, j: int) -> float:
     """Integral over [t[i], t[i+1]] of the Lagrange basis polynomial j through t[i], ..., t[i-order+1].
 
-    k-diffusion integrates numerically (scipy quad); the polynomial has degree < 4, so the exact integral
-    is the same number to rounding. `t` is float32 as in A1111, whose denominators are float32 differences.
+    Integrated numerically with scipy's quad exactly as k-diffusion does (float32 knots), which keeps LMS
+    bit-identical to A1111; the integrand is a polynomial of degree < 4, so this is the exact integral.
     """
     if order - 1 > i:
         raise ValueError(f"Order {order} too high for step {i}")
-    poly = np.polynomial.Polynomial([1.0])
-    for k in range(order):
-        if k != j:
-            denominator = float(t[i - j] - t[i - k])
-            poly = poly * np.polynomial.Polynomial([-float(t[i - k]), 1.0]) / denominator
-    antiderivative = poly.integ()
-    return float(antiderivative(float(t[i + 1])) - antiderivative(float(t[i])))
+
+    def basis(tau: float) -> float:
+        prod = 1.0
+        for k in range(order):
+            if j != k:
+                prod *= (tau - t[i - k]) / (t[i - j] - t[i - k])
+        return prod
+
+    return integrate.quad(basis, t[i], t[i + 1], epsrel=1e-4)[0]
 
 
 def sample_lms(model: Model, x: Tensor, sigmas: Tensor, *, extra_args: ExtraArgs = None,

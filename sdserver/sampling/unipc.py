@@ -20,7 +20,7 @@ from sdserver.sampling.samplers_k import Callback, ExtraArgs, OptionalNoise
 
 Model = Callable[..., Tensor]
 SKIP_TYPES = ("time_uniform", "time_quadratic", "logSNR")
-VARIANTS = ("bh1", "bh2")
+VARIANTS = ("bh1", "bh2", "vary_coeff")
 
 
 def _interp(x: Tensor, xp: Tensor, yp: Tensor) -> Tensor:
@@ -100,6 +100,63 @@ class _UniPC:
 
     def update(self, x: Tensor, model_prev: list[Tensor], t_prev: list[Tensor], t: Tensor, order: int,
                use_corrector: bool) -> tuple[Tensor, Tensor | None]:
+        if self.variant == "vary_coeff":
+            return self.update_vary_coeff(x, model_prev, t_prev, t, order, use_corrector)
+        return self.update_bh(x, model_prev, t_prev, t, order, use_corrector)
+
+    def update_vary_coeff(self, x: Tensor, model_prev: list[Tensor], t_prev: list[Tensor], t: Tensor, order: int,
+                          use_corrector: bool) -> tuple[Tensor, Tensor | None]:
+        """UniPC with varying coefficients (UniC-p with the inverse of the Vandermonde-like matrix C).
+
+        A1111's version only runs with batch size 1 (it mixes per-image scalars with the width axis); here
+        the per-image scalars are broadcast over the image, which is the same thing for one image.
+        """
+        ns, dims = self.ns, x.dim()
+        t_prev_0, model_prev_0 = t_prev[-1], model_prev[-1]
+        lambda_prev_0 = ns.marginal_lambda(t_prev_0)
+        h = ns.marginal_lambda(t) - lambda_prev_0
+        sigma_prev_0, sigma_t = ns.marginal_std(t_prev_0), ns.marginal_std(t)
+        alpha_t = torch.exp(ns.marginal_log_mean_coeff(t))
+        rks, d1s = [], []
+        for i in range(1, order):
+            rk = ((ns.marginal_lambda(t_prev[-(i + 1)]) - lambda_prev_0) / h)[0]
+            rks.append(rk)
+            d1s.append((model_prev[-(i + 1)] - model_prev_0) / rk)
+        rks.append(1.0)
+        rks_t = torch.tensor(rks, device=x.device)
+        k_len = len(rks_t)
+        cols, col = [], torch.ones_like(rks_t)
+        for k in range(1, k_len + 1):
+            cols.append(col)
+            col = col * rks_t / (k + 1)
+        c_mat = torch.stack(cols, dim=1)
+        hh = -h[0]
+        h_phi_ks, h_phi_k, factorial_k = [], torch.expm1(hh), 1
+        for k in range(1, k_len + 2):
+            h_phi_ks.append(h_phi_k)
+            h_phi_k = h_phi_k / hh - 1 / factorial_k
+            factorial_k *= k + 1
+        a_t = _expand(alpha_t, dims)
+        x_t_ = _expand(sigma_t / sigma_prev_0, dims) * x - a_t * h_phi_ks[0] * model_prev_0
+        x_t = x_t_
+        if d1s:
+            d1s_t = torch.stack(d1s, dim=1)
+            a_p = torch.linalg.inv(c_mat[:-1, :-1])
+            for k in range(k_len - 1):
+                x_t = x_t - a_t * h_phi_ks[k + 1] * torch.einsum("bk...,k->b...", d1s_t, a_p[k])
+        model_t = None
+        if use_corrector:
+            a_c = torch.linalg.inv(c_mat)
+            model_t = self.data_prediction(x_t, t)
+            x_t = x_t_
+            k = 0
+            for k in range(k_len - 1):
+                x_t = x_t - a_t * h_phi_ks[k + 1] * torch.einsum("bk...,k->b...", d1s_t, a_c[k][:-1])
+            x_t = x_t - a_t * h_phi_ks[k_len] * ((model_t - model_prev_0) * a_c[k][-1])
+        return x_t, model_t
+
+    def update_bh(self, x: Tensor, model_prev: list[Tensor], t_prev: list[Tensor], t: Tensor, order: int,
+                  use_corrector: bool) -> tuple[Tensor, Tensor | None]:
         ns, dims = self.ns, x.dim()
         t_prev_0 = t_prev[-1]
         lambda_prev_0, lambda_t = ns.marginal_lambda(t_prev_0), ns.marginal_lambda(t)

@@ -155,3 +155,13 @@ def test_unipc_model_calls_see_the_eps_of_fractional_timesteps(schedule):
     t = torch.tensor([0.4567, 0.4567])
     direct = model_fn(x, ns.model_time(t))
     assert torch.allclose(solver.eps(x, t), direct, atol=2e-5)
+
+
+def test_unipc_vary_coeff_variant_runs_and_converges_on_the_default_grid(gaussian, schedule):
+    x_vp = (X_T / math.sqrt(1 + schedule.sigmas[999].item() ** 2)).float()
+    want = _vp_exact(schedule, x_vp, 999, 0)
+    errors = [rel_error(unipc.sample_unipc(gaussian(S), x_vp.clone(), n, schedule=schedule, variant="vary_coeff"), want)
+              for n in (10, 40)]
+    assert errors[1] < errors[0] / 1.5 and errors[1] < 0.05
+    with pytest.raises(ValueError):
+        unipc.sample_unipc(gaussian(S), x_vp.clone(), 10, schedule=schedule, variant="bh3")
