@@ -92,8 +92,11 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device | str,
     tokenizer: CLIPTokenizer | None = None,
+    *,
+    vae_dtype: torch.dtype | None = None,
 ) -> SDModel:
-    """An inference-ready SDModel from a checkpoint's tensors; raises ModelLoadError naming bad tensors."""
+    """An inference-ready SDModel from a checkpoint's tensors; raises ModelLoadError naming bad tensors.
+    `vae_dtype` keeps the VAE in another dtype than the rest (A1111's --no-half-vae: fp16 SDXL VAEs overflow)."""
     device = torch.device(device)
     family, spec = match.family, match.spec
     parts = family.split(state_dict)
@@ -106,7 +109,9 @@ def build_model(
     if problems:
         raise ModelLoadError(f"checkpoint doesn't fit the {family.name} architecture: " + "; ".join(problems))
     for name, module in modules.items():
-        module.load_state_dict(_prepare(converted[name], expected[name], dtype, device), strict=True, assign=True)
+        module_dtype = vae_dtype if name == VAE and vae_dtype is not None else dtype
+        prepared = _prepare(converted[name], expected[name], module_dtype, device)
+        module.load_state_dict(prepared, strict=True, assign=True)
         module.eval().requires_grad_(False)
     text_encoders = [modules[text_encoder_component(i)] for i in range(len(spec.text_encoders))]
     return SDModel(

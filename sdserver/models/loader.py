@@ -46,13 +46,15 @@ def load_checkpoint(
     *,
     config: Path | None = None,
     prediction_type: str | None = None,
+    vae_dtype: torch.dtype | None = None,
 ) -> SDModel:
     """Read, detect, validate and build one checkpoint file. `config` is an LDM .yaml beside it (read for its
-    `parameterization`); `prediction_type` ("eps"/"v") overrides whatever the file says."""
+    `parameterization`); `prediction_type` ("eps"/"v") overrides whatever the file says; `vae_dtype` keeps
+    the VAE in its own dtype."""
     match = validate_file(path)
     state_dict = load_state_dict(path, device="cpu")
     match = resolve_prediction(match, state_dict, config, prediction_type)
-    return build_model(state_dict, match, dtype, torch.device(device), tokenizer)
+    return build_model(state_dict, match, dtype, torch.device(device), tokenizer, vae_dtype=vae_dtype)
 
 
 def free_memory() -> None:

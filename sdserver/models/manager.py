@@ -45,7 +45,8 @@ class ModelManager:
     Hashes follow A1111: listings take sha256 values from the on-disk cache only, and a checkpoint is hashed
     (and cached) when it is first loaded, so a large library doesn't stall startup; `hash_on_scan` hashes
     every file while scanning instead, `hashing=False` never hashes (A1111's --no-hashing). `vae_dirs` are
-    the folders of separate VAE files (`set_vae`); `prediction_overrides` maps checkpoint names to "eps"/"v".
+    the folders of separate VAE files (`set_vae`), `vae_dtype` the VAE's dtype when it differs from `dtype`
+    (A1111's --no-half-vae); `prediction_overrides` maps checkpoint names to "eps"/"v".
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class ModelManager:
         hashing: bool = True,
         prediction_overrides: dict[str, str] | None = None,
         vae_dirs: list[Path] | None = None,
+        vae_dtype: torch.dtype | None = None,
     ) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
@@ -78,6 +80,7 @@ class ModelManager:
         self._infos: list[CheckpointInfo] | None = None
         self._aliases: dict[str, CheckpointInfo] = {}
         self.vae_dirs = [Path(d) for d in vae_dirs or []]
+        self.vae_dtype = vae_dtype or dtype
         self._vae_choice = AUTOMATIC  # A1111's default `sd_vae`
         self._loaded: OrderedDict[str, _Entry] = OrderedDict()  # filename → entry
         self._current: str | None = None
@@ -181,7 +184,13 @@ class ModelManager:
             config = Path(info.config) if info.config else None
             override = self.prediction_overrides.get(info.name)
             return load_checkpoint(
-                path, self.dtype, self.device, self._get_tokenizer(), config=config, prediction_type=override
+                path,
+                self.dtype,
+                self.device,
+                self._get_tokenizer(),
+                config=config,
+                prediction_type=override,
+                vae_dtype=self.vae_dtype,
             )
         except ModelLoadError as exc:
             message = exc.message if str(path) in exc.message else f"{path}: {exc.message}"
@@ -265,6 +274,6 @@ class ModelManager:
             return dataclasses.replace(entry, vae=None)
         if entry.vae is not None and entry.vae.filename == str(path):
             return entry
-        entry.model.vae = load_vae(path, entry.model.spec.vae, self.dtype, self.device)
+        entry.model.vae = load_vae(path, entry.model.spec.vae, self.vae_dtype, self.device)
         sha = cached_sha256(path, f"vae/{path.name}", self._cache) if self._hashing else None
         return dataclasses.replace(entry, vae=VaeInfo(path.name, str(path), sha[:10] if sha else None, sha))

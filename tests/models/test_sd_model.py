@@ -78,3 +78,12 @@ def test_token_embeds_replace_the_lookup(model: SDModel, tokenizer: CLIPTokenize
     assert not torch.allclose(spliced[0, 2:], plain[0, 2:])
     with pytest.raises(ValueError, match="2 entries for 1"):
         model.encode_tokens(tokens, token_embeds=[same, same])
+
+
+def test_vae_can_keep_its_own_dtype(tiny_state: dict[str, torch.Tensor], tokenizer: CLIPTokenizer) -> None:
+    match = detect({k: tuple(v.shape) for k, v in tiny_state.items()})
+    model = build_model(tiny_state, match, torch.bfloat16, "cpu", tokenizer, vae_dtype=torch.float32)
+    assert model.dtype == torch.bfloat16 and model.vae.decoder.conv_out.weight.dtype == torch.float32
+    latent = torch.randn(1, 4, 4, 4)
+    torch.testing.assert_close(model.decode_latent(latent), model.vae.decode(latent / 0.18215))
+    assert model.encode_image(torch.zeros(1, 3, 32, 32)).dtype == torch.float32
