@@ -111,7 +111,7 @@ def _plan(
     patches: list[_Patch] = []
     for call, entry in zip(calls, entries):
         data = library.load(entry)
-        applied.hashes[call.name] = library.full_hash(entry)[:12]
+        applied.hashes[call.name] = library.short_hash(entry)
         unmatched = 0
         for module_key, parts in data.modules.items():
             target = table.resolve(module_key)

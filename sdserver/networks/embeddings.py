@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,8 +202,13 @@ def model_width(model: nn.Module) -> int:
 class ModelEmbeddings:
     """The embeddings usable with one model, with name lookup over that model's tokenizer."""
 
-    def __init__(self, loaded: Mapping[str, Embedding], skipped: Mapping[str, Embedding], tokenizer: TokenizerLike,
-                 hasher: EmbeddingDatabase) -> None:
+    def __init__(
+        self,
+        loaded: Mapping[str, Embedding],
+        skipped: Mapping[str, Embedding],
+        tokenizer: TokenizerLike,
+        hasher: EmbeddingDatabase,
+    ) -> None:
         self.loaded = MappingProxyType(dict(loaded))
         self.skipped = MappingProxyType(dict(skipped))
         self._hasher = hasher
@@ -280,6 +286,8 @@ class EmbeddingDatabase:
         self._embeddings: Mapping[str, Embedding] | None = None
         self._errors: Mapping[str, str] = MappingProxyType({})
         self._hashes: dict[tuple[Path, float], str] = {}
+        self._generation = 0  # bumped by each refresh; per-model views of an older one are rebuilt
+        self._views: weakref.WeakKeyDictionary[nn.Module, tuple[int, ModelEmbeddings]] = weakref.WeakKeyDictionary()
 
     def refresh(self) -> None:
         """Reload every embedding file (A1111's `/refresh-embeddings`)."""
@@ -300,6 +308,7 @@ class EmbeddingDatabase:
         with self._lock:
             self._embeddings = MappingProxyType(ordered)
             self._errors = MappingProxyType(errors)
+            self._generation += 1
 
     def all(self) -> Mapping[str, Embedding]:
         with self._lock:
@@ -327,9 +336,19 @@ class EmbeddingDatabase:
         return loaded, skipped
 
     def for_model(self, model: nn.Module) -> ModelEmbeddings:
-        """The embeddings whose width fits `model` (an `SDModel`), looked up with its tokenizer."""
+        """The embeddings whose width fits `model` (an `SDModel`), looked up with its tokenizer; built once per
+        model and refresh."""
+        self.all()
+        with self._lock:
+            generation = self._generation
+            cached = self._views.get(model)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
         loaded, skipped = self.split(model_width(model))
-        return ModelEmbeddings(loaded, skipped, model.tokenizer, self)  # type: ignore[arg-type]
+        view = ModelEmbeddings(loaded, skipped, model.tokenizer, self)  # type: ignore[arg-type]
+        with self._lock:
+            self._views[model] = (generation, view)
+        return view
 
     def listing(self, model: nn.Module | None = None) -> dict[str, dict[str, Any]]:
         """A1111's `/sdapi/v1/embeddings` body `{loaded: {name: item}, skipped: {name: item}}`."""

@@ -222,8 +222,8 @@ def build_target_table(model: nn.Module) -> TargetTable:
 
 # Old diffusers attention-processor LoRAs: `...attn1.processor.to_q_lora` is the LoRA of `...attn1.to_q`.
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
-# diffusers' text-encoder LoRA wrapper: `...q_proj.lora_linear_layer`.
-_LINEAR_LAYER = re.compile(r"\.lora_linear_layer$")
+# diffusers' LoRA wrappers: `...q_proj.lora_linear_layer` (text encoder), `...to_q.lora` (LoRACompatibleLinear).
+_WRAPPER = re.compile(r"\.(lora_linear_layer|lora)$")
 
 
 def normalize_module_key(key: str, keys: FamilyKeys) -> str:
@@ -232,7 +232,7 @@ def normalize_module_key(key: str, keys: FamilyKeys) -> str:
     if match:
         layer = match.group(1)
         key = key[: match.start()] + "." + ("to_out.0" if layer == "to_out" else layer)
-    key = _LINEAR_LAYER.sub("", key)
+    key = _WRAPPER.sub("", key)
     for dotted, kohya in keys.peft_prefixes:
         if key.startswith(dotted):
             key = kohya + key[len(dotted) :]

@@ -221,7 +221,10 @@ class NetworkLibrary:
 
     def hash(self, name: str) -> str:
         """The 12-hex short hash A1111 writes into `Lora hashes` (see the module docstring)."""
-        return self.full_hash(self.find(name))[:SHORT_HASH_LENGTH]
+        return self.short_hash(self.find(name))
+
+    def short_hash(self, entry: NetworkFile) -> str:
+        return self.full_hash(entry)[:SHORT_HASH_LENGTH]
 
     def full_hash(self, entry: NetworkFile) -> str:
         key = (entry.path, entry.mtime)

@@ -132,3 +132,13 @@ def test_embedding_in_a_prompt_changes_the_text_encoding(
     # No embedding in the batch: the embedder hands back None and encoding takes the plain lookup.
     plain_chunks = chunk_prompt([("a photo", 1.0)], tokenizer, embeddings=embeddings)
     assert embeddings.embed_chunks(model, torch.tensor([plain_chunks[0].tokens]), plain_chunks) is None
+
+
+def test_model_view_is_reused_until_refresh(folder: Path, model: SDModel) -> None:
+    db = EmbeddingDatabase([folder])
+    view = db.for_model(model)
+    assert db.for_model(model) is view
+    torch.save({"string_to_param": {"*": vectors(1, 32, 9)}}, folder / "late.pt")
+    db.refresh()
+    fresh = db.for_model(model)
+    assert fresh is not view and "late" in fresh.loaded and "late" not in view.loaded

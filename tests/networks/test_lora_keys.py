@@ -11,6 +11,7 @@ import torch
 
 from sdserver.errors import UnsupportedFeature
 from sdserver.models.nn.clip import CLIPTextModel
+from sdserver.models.nn.config import TextEncoderConfig, UNetConfig
 from sdserver.models.nn.unet import UNetModel
 from sdserver.models.synthetic import sd15_configs
 from sdserver.networks.lora_keys import Target, build_target_table, split_key
@@ -122,6 +123,7 @@ def test_every_kohya_text_encoder_name_maps(sd15: SimpleNamespace) -> None:
         ("unet.mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora", Target("unet", "middle_block.1.transformer_blocks.0.attn1.to_out.0")),
         ("text_encoder.text_model.encoder.layers.3.mlp.fc2", Target("text_encoder", "encoder.layers.3.mlp.fc2")),
         ("text_encoder.text_model.encoder.layers.3.self_attn.k_proj.lora_linear_layer", Target("text_encoder", "encoder.layers.3.self_attn.k_proj")),
+        ("unet.up_blocks.1.attentions.2.transformer_blocks.0.ff.net.2.lora", Target("unet", "output_blocks.5.1.transformer_blocks.0.ff.net.2")),
         ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", Target("text_encoder", "encoder.layers.0.self_attn.q_proj")),
         ("transformer_text_model_encoder_layers_0_self_attn_q_proj", Target("text_encoder", "encoder.layers.0.self_attn.q_proj")),
         ("lora_unet_up_blocks_3_attentions_2_proj_out", Target("unet", "output_blocks.11.1.proj_out")),
@@ -156,3 +158,37 @@ def test_split_key(key: str, expected: tuple[str, str]) -> None:
 def test_unsupported_family_is_refused() -> None:
     with pytest.raises(UnsupportedFeature, match="flux"):
         build_target_table(SimpleNamespace(family="flux", unet=None, text_encoders=[]))  # type: ignore[arg-type]
+
+
+def test_sdxl_layout_is_an_addition() -> None:
+    """SDXL's UNet (3 levels, attention depth 0/2/10, label embedding) and two text encoders map through the same
+    code; the expected LDM blocks are those of SDXL's published diffusers↔LDM conversion."""
+    unet_cfg = UNetConfig(channel_mult=(1, 2, 4), transformer_depth=(0, 2, 10), transformer_depth_middle=10,
+                          num_head_channels=64, context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816)
+    with torch.device("meta"):
+        model = SimpleNamespace(
+            family="sdxl", unet=UNetModel(unet_cfg),
+            text_encoders=[CLIPTextModel(TextEncoderConfig()),
+                           CLIPTextModel(TextEncoderConfig(width=1280, layers=32, heads=20, intermediate=5120,
+                                                           activation="gelu", projection_dim=1280, pad_token=0))],
+        )
+    table = build_target_table(model)  # type: ignore[arg-type]
+    expected = {
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q": "input_blocks.4.1.transformer_blocks.1.attn1.to_q",
+        "lora_unet_down_blocks_2_attentions_1_transformer_blocks_9_ff_net_2": "input_blocks.8.1.transformer_blocks.9.ff.net.2",
+        "lora_unet_down_blocks_1_downsamplers_0_conv": "input_blocks.6.0.op",
+        "lora_unet_mid_block_attentions_0_transformer_blocks_9_attn2_to_k": "middle_block.1.transformer_blocks.9.attn2.to_k",
+        "lora_unet_up_blocks_0_attentions_2_proj_out": "output_blocks.2.1.proj_out",
+        "lora_unet_up_blocks_0_upsamplers_0_conv": "output_blocks.2.2.conv",
+        "lora_unet_up_blocks_2_resnets_2_conv1": "output_blocks.8.0.in_layers.2",
+        "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q": "input_blocks.4.1.transformer_blocks.1.attn1.to_q",
+        "lora_unet_add_embedding_linear_1": "label_emb.0.0",
+    }
+    for key, module in expected.items():
+        assert table.resolve(key) == Target("unet", module), key
+    assert table.resolve("lora_te1_text_model_encoder_layers_11_mlp_fc1") == Target("text_encoder", "encoder.layers.11.mlp.fc1")
+    assert table.resolve("lora_te2_text_model_encoder_layers_31_self_attn_out_proj") == Target(
+        "text_encoder_2", "encoder.layers.31.self_attn.out_proj"
+    )
+    assert table.resolve("text_encoder_2.text_model.encoder.layers.0.mlp.fc2") == Target("text_encoder_2", "encoder.layers.0.mlp.fc2")
+    assert table.resolve("lora_te_text_model_encoder_layers_0_mlp_fc1") is None  # SD 1.x spelling
