@@ -99,6 +99,8 @@ def _k_sigmas(spec: SamplerSpec, scheduler_id: str, steps: int, schedule: Discre
 
 def _ddim_timesteps(steps: int, n_train: int) -> list[int]:
     """A1111's CompVisSampler.get_timesteps: range(0, 1000, 1000 // steps) + 1, clipped to 999."""
+    if steps > n_train:
+        raise ValueError(f"timestep samplers run at most {n_train} steps, not {steps}")
     return [min(max(t + 1, 0), n_train - 1) for t in range(0, n_train, n_train // steps)]
 
 
@@ -174,7 +176,7 @@ def plan_img2img(sampler_id: str, scheduler_id: str, steps: int, denoising_stren
         sched_ts = ts[:t_enc]
         entry = ts[min(t_enc, len(ts) - 1)]
         t_start = None
-        if spec.call == "continuous_time":
+        if spec.call == "continuous_time" and sched_ts:
             t_start = torch.tensor(sched_ts[-1]) / 1000 + 1 / 1000
             sigmas = _unipc_sigmas(schedule, len(sched_ts), t_start, unipc)
         else:

@@ -194,3 +194,10 @@ def test_brownian_samplers_need_seeds(schedule, gaussian):
     plan = run.plan_txt2img("dpmpp_sde", "automatic", 4, schedule)
     with pytest.raises(ValueError):
         run.sample(plan, gaussian(S), torch.zeros(1, 4, 2, 2))
+
+
+@pytest.mark.parametrize("sampler_id", ["ddim", "unipc"])
+def test_img2img_with_no_timestep_left_returns_the_input(schedule, gaussian, sampler_id):
+    plan = run.plan_img2img(sampler_id, "automatic", 10, 0.05, schedule)  # t_enc = int(0.5) = 0
+    x = torch.ones(1, 4, 2, 2)
+    assert plan.timesteps == () and torch.equal(run.sample(plan, gaussian(S), x), x)
