@@ -265,28 +265,37 @@ def _uvicorn_config(app: Any, settings: Settings) -> Any:
     )
 
 
-def serve(settings: Settings) -> None:
-    """Build the app and serve it until SIGINT/SIGTERM or server-stop."""
+def build_server(settings: Settings, *, engine: Any = None) -> Any:
+    """The uvicorn server for `settings` (a given engine replaces the real one, for tests).
+
+    On SIGINT/SIGTERM (or server-stop) it first stops the queue taking jobs and cancels the queued ones, so
+    requests waiting on them answer at once; the running job gets `shutdown_grace` seconds to finish.
+    """
     import uvicorn
 
     from sdserver.app import ServerControl, create_app
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
-            # Cancel queued work first, so requests waiting on it answer now instead of holding the shutdown.
             queue = getattr(app.state, "queue", None)
             if queue is not None:
                 queue.stop_accepting()
             await super().shutdown(sockets)
 
-    holder: dict[str, Server] = {}
+    holder: list[Server] = []
 
     def stop() -> None:
-        holder["server"].should_exit = True
+        holder[0].should_exit = True
 
-    app = create_app(settings, control=ServerControl(stop=stop))
+    app = create_app(settings, engine=engine, control=ServerControl(stop=stop))
     server = Server(_uvicorn_config(app, settings))
-    holder["server"] = server
+    holder.append(server)
+    return server
+
+
+def serve(settings: Settings) -> None:
+    """Serve until SIGINT/SIGTERM or server-stop."""
+    server = build_server(settings)
     scheme = "https" if settings.tls_certfile else "http"
     log.info("sdserver on %s://%s:%d%s", scheme, settings.host, settings.port, settings.subpath or "/")
     server.run()

@@ -199,3 +199,19 @@ def test_web_ui_is_served_and_does_not_shadow_the_api(client, make_client):
     assert r.status_code == 200 and 'api("txt2img")' in client.get("/ui/app.js").text
     assert "<form" in r.text
     assert make_client(webui=False).get("/").status_code == 404
+
+
+def test_override_checkpoint_is_restored_afterwards_by_default(client, engine_of):
+    body = {"steps": 1, "override_settings": {"sd_model_checkpoint": "beta"}}
+    info = json.loads(client.post("/sdapi/v1/txt2img", json=body).json()["info"])
+    assert info["sd_model_name"] == "beta"
+    assert engine_of(client).loaded.model_name == "alpha"
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "alpha.safetensors [aaaaaaaaaa]"
+
+
+def test_override_checkpoint_sticks_without_restore(client, engine_of):
+    body = {"steps": 1, "override_settings": {"sd_model_checkpoint": "beta"},
+            "override_settings_restore_afterwards": False}
+    client.post("/sdapi/v1/txt2img", json=body)
+    assert engine_of(client).loaded.model_name == "beta"
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "beta.safetensors [bbbbbbbbbb]"

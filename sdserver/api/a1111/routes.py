@@ -8,6 +8,7 @@ handlers (FastAPI runs them in its thread pool) because they may read files or e
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import string
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ from sdserver.engine.types import Engine, GenerationRequest
 from sdserver.errors import ModelNotFound, SdServerError, UnsupportedFeature
 from sdserver.jobs import JobInfo, JobKind, JobQueue, result_of
 from sdserver.settings import Settings
+
+log = logging.getLogger(__name__)
 
 SDAPI = "/sdapi/v1"
 _TASK_ID_CHARS = string.ascii_uppercase + string.digits
@@ -116,10 +119,48 @@ def prepare_generation(state: Any, req: GenerationRequestBase) -> tuple[Generati
     return gen, GenerationContext(request=req, options=options)
 
 
+def generation_work(gen: GenerationRequest, *, restore: bool, options: Any) -> Callable[[Engine, Any], Any]:
+    """Generate; with a per-request checkpoint (override_settings), afterwards either load the previous model
+    back (A1111's override_settings_restore_afterwards, the default) or make the options name the new one."""
+
+    def work(engine: Engine, control: Any) -> Any:
+        before = engine.current_checkpoint() if gen.checkpoint else None
+        try:
+            return engine.generate(gen, control)
+        finally:
+            if gen.checkpoint:
+                _after_override(engine, before, restore=restore, options=options)
+
+    return work
+
+
+def _after_override(engine: Engine, before: Any, *, restore: bool, options: Any) -> None:
+    try:
+        current = engine.current_checkpoint()
+        if restore and before is not None and current != before:
+            engine.load_checkpoint(before.title)
+        elif not restore and current is not None:
+            options.update(
+                {"sd_model_checkpoint": current.title, "sd_checkpoint_hash": current.sha256 or ""},
+                read_only=RESTRICTED_KEYS,
+            )
+    except Exception:  # the generation's own outcome matters more; the next request loads what it needs
+        log.exception("restoring the checkpoint after an override_settings request failed")
+
+
 def submit_generation(state: Any, gen: GenerationRequest, ctx: GenerationContext, *, job_id: str | None) -> JobInfo:
     kind = "img2img" if gen.is_img2img else "txt2img"
     queue: JobQueue = state.queue
-    return queue.submit_generation(gen, name=f"scripts_{kind}", job_id=job_id or new_task_id(kind), context=ctx)
+    restore = bool(getattr(ctx.request, "override_settings_restore_afterwards", True))
+    return queue.submit(
+        generation_work(gen, restore=restore, options=state.options),
+        kind=JobKind.GENERATE,
+        name=f"scripts_{kind}",
+        job_id=job_id or new_task_id(kind),
+        request=gen,
+        passes=gen.n_iter,
+        context=ctx,
+    )
 
 
 def build_generation_response(info: JobInfo) -> dict[str, Any]:
