@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from sdserver.errors import ModelLoadError
 from sdserver.models.nn.config import TextEncoderConfig, UNetConfig, VAEConfig
 
 METADATA_KEY = "sdserver.config"
-PREDICTION_TYPES = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v"}
+PREDICTION_TYPES: Mapping[str, str] = MappingProxyType(
+    {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v"}
+)
 
 C = TypeVar("C", UNetConfig, VAEConfig, TextEncoderConfig)
 

@@ -76,7 +76,7 @@ class Family(ABC):
     # (checkpoint prefix, component) pairs, most specific first: a key goes to the first prefix it starts with.
     prefixes: ClassVar[tuple[tuple[str, str], ...]]
     # The prefix to name a component's keys by when the checkpoint has none of them.
-    default_prefixes: ClassVar[dict[str, str]]
+    default_prefixes: ClassVar[Mapping[str, str]]
     # Key suffixes the checkpoint may carry that the modules don't have (buffers, training state).
     ignored_suffixes: ClassVar[tuple[str, ...]] = ()
     # Key prefixes of training-only state inside a component: the VAE's adversarial loss (discriminator,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import ClassVar
 
 from sdserver.models import config_metadata as cm
@@ -30,11 +31,11 @@ class SD1Family(Family):
         ("cond_stage_model.transformer.text_model.", TEXT),
         ("cond_stage_model.transformer.", TEXT),
     )
-    default_prefixes = {
+    default_prefixes = MappingProxyType({
         UNET: "model.diffusion_model.",
         VAE: "first_stage_model.",
         TEXT: "cond_stage_model.transformer.text_model.",
-    }
+    })
     # A buffer of transformers' CLIPTextModel (0..76) that some checkpoints carry; positions are computed.
     ignored_suffixes = ("embeddings.position_ids",)
 

@@ -4,6 +4,7 @@ heads, KL VAE, OpenCLIP ViT-H/14 text encoder in its original `cond_stage_model.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import ClassVar
 
 import torch
@@ -32,7 +33,9 @@ class SD2Family(Family):
         ("first_stage_model.", VAE),
         ("cond_stage_model.model.", TEXT),
     )
-    default_prefixes = {UNET: "model.diffusion_model.", VAE: "first_stage_model.", TEXT: "cond_stage_model.model."}
+    default_prefixes = MappingProxyType(
+        {UNET: "model.diffusion_model.", VAE: "first_stage_model.", TEXT: "cond_stage_model.model."}
+    )
 
     def matches(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
         conv_in = shapes.get(_UNET_MARKER)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import ClassVar
 
 import torch
@@ -36,12 +37,12 @@ class SDXLFamily(Family):
         ("conditioner.embedders.0.transformer.", CLIP_L),
         ("conditioner.embedders.1.model.", CLIP_G),
     )
-    default_prefixes = {
+    default_prefixes = MappingProxyType({
         UNET: "model.diffusion_model.",
         VAE: "first_stage_model.",
         CLIP_L: "conditioner.embedders.0.transformer.text_model.",
         CLIP_G: "conditioner.embedders.1.model.",
-    }
+    })
     ignored_suffixes = ("embeddings.position_ids",)
 
     def matches(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import TypeVar
 
 import torch
@@ -17,7 +18,7 @@ import torch
 V = TypeVar("V")
 
 _LAYER = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
-_PER_LAYER = {
+_PER_LAYER: Mapping[str, str] = MappingProxyType({
     "ln_1.weight": "layer_norm1.weight",
     "ln_1.bias": "layer_norm1.bias",
     "ln_2.weight": "layer_norm2.weight",
@@ -28,14 +29,14 @@ _PER_LAYER = {
     "mlp.c_fc.bias": "mlp.fc1.bias",
     "mlp.c_proj.weight": "mlp.fc2.weight",
     "mlp.c_proj.bias": "mlp.fc2.bias",
-}
-_FUSED = {"attn.in_proj_weight": "weight", "attn.in_proj_bias": "bias"}
-_TOP = {
+})
+_FUSED: Mapping[str, str] = MappingProxyType({"attn.in_proj_weight": "weight", "attn.in_proj_bias": "bias"})
+_TOP: Mapping[str, str] = MappingProxyType({
     "token_embedding.weight": "embeddings.token_embedding.weight",
     "positional_embedding": "embeddings.position_embedding.weight",
     "ln_final.weight": "final_layer_norm.weight",
     "ln_final.bias": "final_layer_norm.bias",
-}
+})
 # OpenCLIP's contrastive temperature; no use to a text encoder.
 _DROPPED = ("logit_scale",)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import html
 import unicodedata
-from functools import cache
 from importlib import resources
 from pathlib import Path
 
@@ -31,7 +30,6 @@ _SELF_CHECK = ("a photo of a cat", [49406, 320, 1125, 539, 320, 2368, 49407])
 _BPE_CACHE_LIMIT = 100_000
 
 
-@cache
 def bytes_to_unicode() -> dict[int, str]:
     """Byte → printable character: bytes that are printable map to themselves, the rest to chars from 256 up,
     so BPE never sees whitespace or control characters."""
@@ -64,14 +62,14 @@ class CLIPTokenizer:
     """encode/decode between text and CLIP token ids. `encode` returns ids without BOS/EOS."""
 
     def __init__(self, merges: list[tuple[str, str]]) -> None:
-        byte_chars = list(bytes_to_unicode().values())
+        self._byte_encoder = bytes_to_unicode()
+        byte_chars = list(self._byte_encoder.values())
         vocab = byte_chars + [c + "</w>" for c in byte_chars]
         vocab += ["".join(pair) for pair in merges]
         vocab += [BOS_TOKEN, EOS_TOKEN]
         self._encoder = {token: i for i, token in enumerate(vocab)}
         self._decoder = vocab
         self._ranks = {pair: i for i, pair in enumerate(merges)}
-        self._byte_encoder = bytes_to_unicode()
         self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
         self._pattern = regex.compile(_PATTERN, regex.IGNORECASE)
         # Specials are whole tokens, never BPE-split.

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import io
 import pickle
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import IO, Any
 
 from sdserver.errors import UnsafeCheckpoint
@@ -67,7 +69,7 @@ _PLACEHOLDERS: frozenset[tuple[str, str]] = frozenset(
 )
 
 # numpy 2 moved `numpy.core` to `numpy._core`; the old path still imports but warns.
-_MODULE_RENAMES = {"numpy.core.multiarray": "numpy._core.multiarray"}
+_MODULE_RENAMES: Mapping[str, str] = MappingProxyType({"numpy.core.multiarray": "numpy._core.multiarray"})
 
 
 class Placeholder:
