@@ -36,7 +36,8 @@ fix_steps=img2img_fix_steps_or_hires, ...)`, `x = run.noised_latent(init_latent,
 
 Contracts:
 - `unet_fn(x_t, t, **extra)` is the UNet call on the scaled ("VP") latent and float timesteps [B] (integer
-  timesteps for LCM, as A1111); it returns eps or v. The CFG denoiser wraps the `Denoiser`, mixes cond/uncond in denoised space, and returns denoised.
+  timesteps for LCM, as A1111); it returns eps or v. The CFG denoiser wraps the `Denoiser`, mixes
+  cond/uncond in denoised space, and returns denoised.
 - DDIM CFG++ needs the unconditional prediction: give the CFG denoiser a method
   `denoise_with_uncond(x, sigma, *, cond_scale_multiplier, **extra) -> (guided, uncond)` that computes the
   guided result with `cond_scale * cond_scale_multiplier` (1/12.5 here) and also returns the uncond

@@ -18,6 +18,8 @@ import torch
 import torchsde
 from torch import Tensor
 
+from sdserver.errors import InvalidRequest
+
 NoiseSampler = Callable[[Tensor, Tensor], Tensor]
 SOURCES = ("cpu", "gpu", "nv")
 
@@ -110,7 +112,7 @@ def make_stream(seed: int, source: str, device: torch.device | str = "cpu") -> _
         return _TorchStream(torch.Generator("cpu").manual_seed(int(seed)), out)
     if source == "gpu":
         return _TorchStream(torch.Generator(out).manual_seed(int(seed)), out)
-    raise ValueError(f"unknown noise source {source!r}; expected one of {SOURCES}")
+    raise InvalidRequest(f"unknown noise source {source!r}; expected one of {SOURCES}", field="randn_source")
 
 
 def randn(seed: int, shape: Sequence[int], source: str = "cpu", device: torch.device | str = "cpu") -> Tensor:
@@ -169,7 +171,7 @@ class ImageRNG:
         ensd: int = 0,
     ) -> None:
         if source not in SOURCES:
-            raise ValueError(f"unknown noise source {source!r}; expected one of {SOURCES}")
+            raise InvalidRequest(f"unknown noise source {source!r}; expected one of {SOURCES}", field="randn_source")
         self.shape = tuple(int(s) for s in shape)
         self.seeds = [int(s) for s in seeds]
         self.subseeds = None if subseeds is None else [int(s) for s in subseeds]

@@ -14,11 +14,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from sdserver.errors import InvalidRequest
 from sdserver.sampling import schedules
 from sdserver.sampling.discrete import DenoiserFn, Denoiser, DiscreteSchedule, LCMDenoiser, ModelFn, Prediction
 from sdserver.sampling.noise import BrownianTreeNoiseSampler, ImageRNG, rng_noise_sampler
 from sdserver.sampling.registry import SamplerSpec, get_sampler, get_scheduler
-from sdserver.sampling.unipc import NoiseScheduleVP, time_steps
+from sdserver.sampling.unipc import SKIP_TYPES, VARIANTS, NoiseScheduleVP, time_steps
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -31,6 +32,14 @@ class UniPCOptions:
     skip_type: str = "time_uniform"
     order: int = 3
     lower_order_final: bool = True
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise InvalidRequest(f"uni_pc_variant must be one of {VARIANTS}", field="uni_pc_variant")
+        if self.skip_type not in SKIP_TYPES:
+            raise InvalidRequest(f"uni_pc_skip_type must be one of {SKIP_TYPES}", field="uni_pc_skip_type")
+        if self.order < 1:
+            raise InvalidRequest("uni_pc_order must be at least 1", field="uni_pc_order")
 
 
 @dataclass(frozen=True)
@@ -100,7 +109,7 @@ def _k_sigmas(spec: SamplerSpec, scheduler_id: str, steps: int, schedule: Discre
 def _ddim_timesteps(steps: int, n_train: int) -> list[int]:
     """A1111's CompVisSampler.get_timesteps: range(0, 1000, 1000 // steps) + 1, clipped to 999."""
     if steps > n_train:
-        raise ValueError(f"timestep samplers run at most {n_train} steps, not {steps}")
+        raise InvalidRequest(f"timestep samplers run at most {n_train} steps, not {steps}", field="steps")
     return [min(max(t + 1, 0), n_train - 1) for t in range(0, n_train, n_train // steps)]
 
 
@@ -125,7 +134,7 @@ def plan_txt2img(sampler_id: str, scheduler_id: str, steps: int, schedule: Discr
     family: "sdxl" picks the SDXL Align Your Steps table.
     """
     if steps < 1:
-        raise ValueError("steps must be at least 1")
+        raise InvalidRequest("steps must be at least 1", field="steps")
     spec = get_sampler(sampler_id)
     sched_schedule = sampler_schedule(sampler_id, schedule)
     if spec.kind == "timestep":
@@ -168,7 +177,7 @@ def plan_img2img(sampler_id: str, scheduler_id: str, steps: int, denoising_stren
     """Plan an img2img run (A1111's sample_img2img); keywords as plan_txt2img."""
     total, t_enc = img2img_steps(steps, denoising_strength, fix_steps)
     if total < 1:
-        raise ValueError("denoising_strength leaves no steps to run")
+        raise InvalidRequest("denoising_strength leaves no steps to run", field="denoising_strength")
     spec = get_sampler(sampler_id)
     if spec.kind == "timestep":
         always_discard = bool(kwargs.get("always_discard_next_to_last_sigma", False))

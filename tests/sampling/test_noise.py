@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from sdserver.errors import InvalidRequest
 from sdserver.sampling.noise import (
     BrownianTreeNoiseSampler,
     ImageRNG,
@@ -147,8 +148,10 @@ def test_rng_noise_sampler_calls_next():
 
 
 def test_unknown_source():
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidRequest):
         ImageRNG(SHAPE, [1], source="quantum")
+    with pytest.raises(InvalidRequest):
+        randn(1, SHAPE, "quantum")
 
 
 def _brownian(seeds, lo=0.1, hi=10.0):

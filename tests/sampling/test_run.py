@@ -201,3 +201,17 @@ def test_img2img_with_no_timestep_left_returns_the_input(schedule, gaussian, sam
     plan = run.plan_img2img(sampler_id, "automatic", 10, 0.05, schedule)  # t_enc = int(0.5) = 0
     x = torch.ones(1, 4, 2, 2)
     assert plan.timesteps == () and torch.equal(run.sample(plan, gaussian(S), x), x)
+
+
+def test_bad_user_values_are_typed_errors(schedule):
+    from sdserver.errors import InvalidRequest
+
+    for call, field in [(lambda: run.plan_txt2img("euler", "automatic", 0, schedule), "steps"),
+                        (lambda: run.plan_txt2img("ddim", "automatic", 1001, schedule), "steps"),
+                        (lambda: run.plan_img2img("euler", "automatic", 10, 0.0, schedule, fix_steps=True),
+                         "denoising_strength"),
+                        (lambda: run.UniPCOptions(variant="bh3"), "uni_pc_variant"),
+                        (lambda: ImageRNG((4, 2, 2), [1], source="quantum"), "randn_source")]:
+        with pytest.raises(InvalidRequest) as e:
+            call()
+        assert e.value.field == field
