@@ -49,8 +49,10 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
 
 
 def _torch_load(path: Path, map_location: str | torch.device) -> Any:
+    # Zip-format files are memory-mapped onto the CPU, so a multi-GB .ckpt isn't held twice while it's built.
+    mmap = zipfile.is_zipfile(path) and torch.device(map_location).type == "cpu"
     try:
-        return torch.load(path, map_location=map_location, pickle_module=unpickler, weights_only=False)
+        return torch.load(path, map_location=map_location, pickle_module=unpickler, weights_only=False, mmap=mmap)
     except UnsafeCheckpoint as exc:
         raise UnsafeCheckpoint(f"{path}: {exc.message}") from None
     except ModelLoadError:
