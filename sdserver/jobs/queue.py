@@ -235,6 +235,15 @@ class JobQueue:
             self._fire(*fire)
         return info
 
+    def drop_result(self, job_id: str) -> None:
+        """Forget a finished job's result (its state stays): for callers that already delivered it, so
+        images are not held for the whole job TTL."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is not None and job.state.finished:
+                job.result = None
+                job.touch()
+
     def interrupt(self) -> None:
         """A1111's interrupt: running generations stop now and return what they finished."""
         self._flag_running("interrupted")
@@ -404,6 +413,7 @@ class JobQueue:
         job.state = state
         job.result = result
         job.error = error
+        job.preview = None  # previews matter only while a job runs
         job.finished_at = self._clock()
         job.touch()
         self._finished.append(job)

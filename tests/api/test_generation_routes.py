@@ -241,3 +241,10 @@ def test_force_task_id_feeds_internal_progress(make_client, fake_engine):
     done = client.post("/internal/progress", json={"id_task": "task(mine)"}).json()
     assert done["completed"] is True
     assert client.get("/internal/ping").json() == {}
+
+
+def test_a_synchronous_job_does_not_keep_its_images_after_answering(client):
+    r = client.post("/sdapi/v1/txt2img", json={"steps": 1, "force_task_id": "task(sync)"})
+    assert r.status_code == 200
+    info = client.app.state.queue.get("task(sync)")
+    assert info.state.value == "succeeded" and info.result is None

@@ -174,11 +174,21 @@ def test_snapshot_counts_running_passes_and_queued_jobs(held_engine, queue_facto
     assert 0.0 < snap.fraction() < 1.0
 
 
-def test_previews_follow_the_policy_and_reach_the_snapshot(queue_factory, stub_engine, request_of):
+def test_previews_follow_the_policy(queue_factory, stub_engine, request_of):
     engine = stub_engine()
     q = queue_factory(engine, preview_every=lambda: 2)
     info = q.wait_sync(q.submit_generation(request_of(1, steps=6)).id, 5)
-    assert engine.previews == 3 and info.preview_id == 3 and info.preview is not None
+    assert engine.previews == 3 and info.preview_id == 3
+
+
+def test_no_preview_before_the_first_step_then_one_per_step(held_engine, queue_factory, stub_engine, request_of):
+    q = queue_factory(held_engine, preview_every=lambda: 1)
+    job = q.submit_generation(request_of(1, steps=2))
+    assert held_engine.in_step.wait(5)
+    assert q.snapshot().current_image is None
+    held_engine.release.set()
+    q.wait_sync(job.id, 5)
+    assert held_engine.previews == 2 and q.get(job.id).preview_id == 2
 
 
 def test_no_previews_by_default(engine, queue_factory, stub_engine, request_of):
@@ -262,3 +272,11 @@ def test_shutdown_interrupts_a_job_that_outlives_the_grace_period(stub_engine, r
     q.shutdown(grace=0.05)
     assert time.monotonic() - started < 3
     assert q.get(running.id).state is JobState.CANCELLED
+
+
+def test_drop_result_keeps_the_state_but_frees_the_images(engine, queue_factory, stub_engine, request_of):
+    q = queue_factory(engine, preview_every=lambda: 1)
+    info = q.wait_sync(q.submit_generation(request_of(1)).id, 5)
+    assert info.result is not None and info.preview is None  # previews are dropped when a job ends
+    q.drop_result(info.id)
+    assert q.get(info.id).state is JobState.SUCCEEDED and q.get(info.id).result is None

@@ -206,7 +206,11 @@ async def _generate(request: Request, req: GenerationRequestBase) -> dict[str, A
     final = await wait_for_job(
         request, state.queue, info.id, cancel_on_disconnect=state.settings.cancel_on_disconnect
     )
-    return await run_in_threadpool(build_generation_response, final)
+    try:
+        return await run_in_threadpool(build_generation_response, final)
+    finally:
+        # This response is the only delivery of a synchronous job's images: don't hold them for --job-ttl.
+        state.queue.drop_result(final.id)
 
 
 async def txt2img(request: Request, req: Txt2ImgRequest) -> dict[str, Any]:
