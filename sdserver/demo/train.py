@@ -54,11 +54,11 @@ class TrainConfig:
     )
     vae: VAEConfig = VAEConfig(base_channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1)
     text: TextEncoderConfig = TextEncoderConfig(width=128, layers=3, heads=4, intermediate=512)
-    vae_phase: Phase = Phase(steps=2000, batch=24, lr=1e-3)
-    latent_images_64: int = 40_000
-    latent_images_128: int = 12_000
-    unet_phase_64: Phase = Phase(steps=3000, batch=32, lr=5e-4)
-    unet_phase_128: Phase = Phase(steps=1000, batch=32, lr=2e-4)
+    vae_phase: Phase = Phase(steps=1500, batch=16, lr=1e-3)
+    latent_images_64: int = 30_000
+    latent_images_128: int = 10_000
+    unet_phase_64: Phase = Phase(steps=2000, batch=32, lr=5e-4)
+    unet_phase_128: Phase = Phase(steps=600, batch=32, lr=2e-4)
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
@@ -67,7 +67,7 @@ class TrainConfig:
     def quick(self) -> TrainConfig:
         """A minutes-long run for smoke tests; the model it makes is not meant to be good."""
         return replace(
-            self, vae_phase=Phase(40, 4, 1e-3), latent_images_64=64, latent_images_128=32,
+            self, vae_phase=Phase(40, 8, 1e-3), latent_images_64=64, latent_images_128=32,
             unet_phase_64=Phase(30, 8, 5e-4), unet_phase_128=Phase(10, 4, 2e-4),
         )
 
@@ -112,14 +112,15 @@ def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def train_vae(cfg: TrainConfig, rng: np.random.Generator) -> AutoencoderKL:
+    """Trained on whole 64- and 128-px renders (GroupNorm normalises over the whole image, so crops would
+    teach it the wrong statistics), two batches in three at 128 px, the size the demo model serves."""
     vae = AutoencoderKL(cfg.vae)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_phase.lr, weight_decay=0.0)
     phase = cfg.vae_phase
+    opt = torch.optim.AdamW(vae.parameters(), lr=phase.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=phase.lr, total_steps=phase.steps, pct_start=0.05)
     bar = Progress("vae", phase.steps)
     for step in range(phase.steps):
-        # Mostly 64 px (cheap), every third batch 128 px, so one VAE serves both training resolutions.
-        size, batch = (128, max(phase.batch // 3, 1)) if step % 3 == 0 else (64, phase.batch)
+        size, batch = (64, phase.batch) if step % 3 == 0 else (128, max(phase.batch * 3 // 8, 1))
         images, _, _ = dataset.sample_batch(batch, size, rng)
         x = to_tensor(images)
         mean, logvar = vae.encode_moments(x)
@@ -240,16 +241,19 @@ def train(cfg: TrainConfig, out: Path, workdir: Path) -> Path:
     tokenizer = CLIPTokenizer.load()
     started = time.monotonic()
 
+    # The VAE phase is saved, so a run can resume after it; later phases draw from their own seeded
+    # generator, so a resumed run equals an uninterrupted one.
     vae_path = workdir / "vae.pt"
     if vae_path.exists():
         vae = AutoencoderKL(cfg.vae)
         vae.load_state_dict(torch.load(vae_path, weights_only=True))
         vae.eval()
-        rng = np.random.default_rng(cfg.seed + 1)
     else:
         vae = train_vae(cfg, rng)
         torch.save(vae.state_dict(), vae_path)
     print(f"vae done at {time.monotonic() - started:.0f}s", file=sys.stderr)
+    rng = np.random.default_rng(cfg.seed + 1)
+    torch.manual_seed(cfg.seed + 1)
 
     lat64, cap64 = encode_images(vae, cfg.latent_images_64, 64, rng)
     lat128, cap128 = encode_images(vae, cfg.latent_images_128, 128, rng)
