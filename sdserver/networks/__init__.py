@@ -9,8 +9,7 @@ Usage from the pipeline:
     # weights are bit-identical to before here
 
     embeddings = EmbeddingDatabase([settings.embeddings_folder]).for_model(model)
-    chunk_prompt(..., embeddings=embeddings)                     # find_at(tokens, offset)
-    embeds = embeddings.token_embeds(tokens, slots_per_row, model.text_encoders[0])
+    TextEncoderCache(model, options, embeddings, embeddings.embed_chunks)   # find_at + TokenEmbedder
 """
 
 from sdserver.networks.apply import AppliedNetworks, NetworkCall, apply_networks
