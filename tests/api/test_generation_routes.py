@@ -248,3 +248,28 @@ def test_a_synchronous_job_does_not_keep_its_images_after_answering(client):
     assert r.status_code == 200
     info = client.app.state.queue.get("task(sync)")
     assert info.state.value == "succeeded" and info.result is None
+
+
+def test_progress_answers_while_the_thread_pool_is_exhausted(make_client, fake_engine):
+    import anyio
+
+    engine = fake_engine()
+    gate = threading.Event()
+    listing = engine.checkpoints
+    engine.checkpoints = lambda: (gate.wait(5), listing())[1]
+    client = make_client(engine)
+
+    def one_thread_only():
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 1
+
+    client.portal.call(one_thread_only)
+    box = {}
+    blocked = threading.Thread(target=lambda: box.update(r=client.get("/sdapi/v1/sd-models")))
+    blocked.start()
+    time.sleep(0.1)  # the listing now holds the only worker thread
+    started = time.monotonic()
+    assert client.get("/sdapi/v1/progress").status_code == 200
+    assert time.monotonic() - started < 1.0
+    gate.set()
+    blocked.join(5)
+    assert box["r"].status_code == 200

@@ -46,7 +46,7 @@ from sdserver.api.a1111.schemas import (
 from sdserver.api.auth import TOKEN_COOKIE, Authenticator, credentials_match, parse_login_form
 from sdserver.api.errors import SettingsFrozen
 from sdserver.engine.types import Engine, GenerationRequest
-from sdserver.errors import ModelNotFound, SdServerError, UnsupportedFeature
+from sdserver.errors import ModelNotFound, UnsupportedFeature
 from sdserver.jobs import JobInfo, JobKind, JobQueue, result_of
 from sdserver.settings import Settings
 
@@ -257,13 +257,20 @@ def interrogate(req: InterrogateRequest) -> dict[str, Any]:
 # ---- progress, interrupt, skip ----------------------------------------------------------------------------------
 
 
-def progress(request: Request, skip_current_image: bool = Query(False)) -> dict[str, Any]:
+async def progress(request: Request, skip_current_image: bool = Query(False)) -> dict[str, Any]:
+    # Answered on the event loop unless there is an image to encode: a thread pool busy with image decoding
+    # must never delay /progress (clients poll it with short timeouts while their request runs).
     state = request.app.state
-    return progress_response(
-        state.queue.snapshot(),
+    snapshot = state.queue.snapshot()
+    answer = partial(
+        progress_response,
+        snapshot,
         skip_current_image=skip_current_image,
         image_format=str(state.options.get("live_previews_image_format", "png")),
     )
+    if skip_current_image or snapshot.current_image is None:
+        return answer()
+    return await run_in_threadpool(answer)
 
 
 def interrupt(request: Request) -> dict[str, Any]:
