@@ -41,8 +41,7 @@ from sdserver.demo.classifier import (
     DEGRADED,
     Prediction,
     classify,
-    find_foreground,
-    to_array,
+    shape_mask,
     validate,
 )
 from sdserver.demo.dataset import Colour, coverage, render_layout
@@ -93,13 +92,6 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     """IoU of two boolean masks; two empty masks agree perfectly."""
     union = int(np.logical_or(a, b).sum())
     return int(np.logical_and(a, b).sum()) / union if union else 1.0
-
-
-def shape_mask(image: np.ndarray | Image.Image) -> np.ndarray:
-    """Where the classifier sees the foreground shape (alpha > 0.5); all False when there is none."""
-    array = to_array(image)
-    found = find_foreground(array)
-    return np.zeros(array.shape[:2], dtype=bool) if found is None else found.alpha > 0.5
 
 
 @dataclass(frozen=True)
@@ -157,10 +149,18 @@ class EvalConfig:
     n_negative: int | None = None  # None: n // 2
     n_recolour: int | None = None  # None: max(10, n // 5)
     n_validate: int = 300  # ground-truth renders the classifier is checked on
+    # Ground-truth renders sent through img2img at a strength so low (2 steps at the smallest noise levels)
+    # that the result is essentially the model's VAE round trip: what its decoder lets it draw at best.
+    n_roundtrip: int | None = None  # None: n_validate // 3
+    roundtrip_strength: float = 0.05
 
     @property
     def negative_count(self) -> int:
         return self.n // 2 if self.n_negative is None else self.n_negative
+
+    @property
+    def roundtrip_count(self) -> int:
+        return self.n_validate // 3 if self.n_roundtrip is None else self.n_roundtrip
 
     @property
     def recolour_count(self) -> int:
@@ -175,6 +175,7 @@ class Report:
     by_shape: dict[str, Rate]
     classifier_clean: dict[str, float]
     classifier_degraded: dict[str, float]
+    classifier_roundtrip: dict[str, float] | None
     negative_without: Rate
     negative_with: Rate
     no_foreground: Rate  # adherence pictures with no shape in them (unreadable ones included)
@@ -194,6 +195,9 @@ class Report:
             "by_shape": rates(self.by_shape),
             "classifier_clean": {k: round(v, 4) for k, v in self.classifier_clean.items()},
             "classifier_degraded": {k: round(v, 4) for k, v in self.classifier_degraded.items()},
+            "classifier_roundtrip": None if self.classifier_roundtrip is None else {
+                k: round(v, 4) for k, v in self.classifier_roundtrip.items()
+            },
             "negative": {
                 "colour": self.config.negative,
                 "without": self.negative_without.as_json(),
@@ -217,45 +221,55 @@ def _settings(config: EvalConfig) -> dict[str, Any]:
     }
 
 
+ImageSink = Callable[[Case, Image.Image], None]
+
+
 def _score(
     config: EvalConfig, generate: Txt2Img, cases: Sequence[Case], negative: str, log: Callable[[str], None],
-    label: str,
+    label: str, sink: ImageSink | None = None,
 ) -> list[Prediction]:
     predictions = []
     started = time.monotonic()
     for i, case in enumerate(cases):
         image = generate(prompt=case.prompt, negative_prompt=negative, seed=case.seed, **_settings(config))
         predictions.append(classify(image))
+        if sink is not None:
+            sink(case, image)
         if (i + 1) % 25 == 0 or i + 1 == len(cases):
             log(f"  {label}: {i + 1}/{len(cases)} ({time.monotonic() - started:.0f} s)")
     return predictions
 
 
 def evaluate(
-    config: EvalConfig, txt2img: Txt2Img, img2img: Img2Img | None, log: Callable[[str], None] = lambda _: None
+    config: EvalConfig,
+    txt2img: Txt2Img,
+    img2img: Img2Img | None,
+    log: Callable[[str], None] = lambda _: None,
+    sink: ImageSink | None = None,
 ) -> Report:
-    """Run every prompt set through the generators and score the pictures."""
+    """Run every prompt set through the generators and score the pictures. `sink` sees each adherence
+    picture with its case (to save a sample grid, say)."""
     started = time.monotonic()
     log("classifier on ground truth")
     clean = validate(config.n_validate, config.size, config.seed, CLEAN)
     degraded = validate(config.n_validate, config.size, config.seed, DEGRADED)
 
     cases = adherence_cases(config.n, config.seed)
-    predictions = _score(config, txt2img, cases, "", log, "adherence")
+    predictions = _score(config, txt2img, cases, "", log, "adherence", sink)
     results = [(case.expected, prediction) for case, prediction in zip(cases, predictions)]
 
     colourless = colourless_cases(config.negative_count, config.seed, avoid=Colour(config.negative))
     without = _score(config, txt2img, colourless, "", log, "no negative")
     with_negative = _score(config, txt2img, colourless, config.negative, log, f"negative {config.negative!r}")
 
-    recolour, recolour_error = None, None
+    recolour, recolour_error, roundtrip = None, "no img2img generator", None
     if img2img is not None:
         try:
-            recolour = _recolour(config, txt2img, img2img, log)
+            log("classifier on img2img round trips")
+            roundtrip = _roundtrip(config, img2img)
+            recolour, recolour_error = _recolour(config, txt2img, img2img, log), None
         except GenerationFailed as exc:
             recolour_error = str(exc)
-    else:
-        recolour_error = "no img2img generator"
 
     return Report(
         config=config,
@@ -264,6 +278,7 @@ def evaluate(
         by_shape=breakdown(results, "shape"),
         classifier_clean=clean,
         classifier_degraded=degraded,
+        classifier_roundtrip=roundtrip,
         negative_without=colour_rate(without, config.negative),
         negative_with=colour_rate(with_negative, config.negative),
         no_foreground=Rate(sum(not p.has_foreground for p in predictions), len(predictions)),
@@ -272,6 +287,15 @@ def evaluate(
         recolour_error=recolour_error,
         seconds=time.monotonic() - started,
     )
+
+
+def _roundtrip(config: EvalConfig, img2img: Img2Img) -> dict[str, float]:
+    def through_model(image: np.ndarray) -> np.ndarray:
+        out = img2img(init_image=Image.fromarray(image), prompt="", negative_prompt="", seed=config.seed,
+                      strength=config.roundtrip_strength, **_settings(config))
+        return np.asarray(out.convert("RGB"))
+
+    return validate(config.roundtrip_count, config.size, config.seed, CLEAN, transform=through_model)
 
 
 def _recolour(config: EvalConfig, txt2img: Txt2Img, img2img: Img2Img, log: Callable[[str], None]
@@ -305,13 +329,16 @@ def format_report(report: Report) -> str:
         f"demo model evaluation: {c.n} prompts, {c.size}x{c.size}, {c.steps} steps, cfg {c.cfg:g}, "
         f"{c.sampler}, seed {c.seed}",
         "",
-        f"{'attribute':<11}{'prompts':>8}{'adherence':>11}   classifier on ground truth (clean / degraded)",
+        f"{'attribute':<11}{'prompts':>8}{'adherence':>11}   classifier on ground truth: "
+        f"clean / degraded / model round trip",
     ]
+    roundtrip = report.classifier_roundtrip or {}
     for attribute in ATTRIBUTES:
         rate = report.adherence[attribute]
         lines.append(
             f"{attribute:<11}{rate.total:>8}{_fmt(rate.value):>11}   "
-            f"{_fmt(report.classifier_clean[attribute])} / {_fmt(report.classifier_degraded[attribute])}"
+            f"{_fmt(report.classifier_clean[attribute])} / {_fmt(report.classifier_degraded[attribute])} / "
+            f"{_fmt(roundtrip.get(attribute))}"
         )
     lines.append("")
     lines.append("colour by value: " + ", ".join(f"{k} {_fmt(v.value)}" for k, v in report.by_colour.items()))
@@ -336,6 +363,16 @@ def format_report(report: Report) -> str:
         lines.append(f"img2img recolouring: not measured ({report.recolour_error})")
     lines.append(f"({report.seconds:.0f} s)")
     return "\n".join(lines)
+
+
+def grid(images: Sequence[Image.Image], columns: int = 8) -> Image.Image:
+    """Images of one size tiled row by row."""
+    width, height = images[0].size
+    rows = -(-len(images) // columns)
+    sheet = Image.new("RGB", (width * min(columns, len(images)), height * rows), "white")
+    for i, image in enumerate(images):
+        sheet.paste(image.convert("RGB"), ((i % columns) * width, (i // columns) * height))
+    return sheet
 
 
 # --- the real server ----------------------------------------------------------------------------------
@@ -418,22 +455,35 @@ def parse_args(argv: Sequence[str] | None) -> tuple[EvalConfig, str | None, int]
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--strength", type=float, default=defaults.strength, help="img2img denoising strength")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--grid", default=None, help="save the first 32 adherence pictures (every colour x shape) "
+                        "as one PNG here, with their prompts in a .txt beside it")
     args = parser.parse_args(argv)
     config = EvalConfig(
         n=args.n, steps=args.steps, cfg=args.cfg, sampler=args.sampler, size=args.size, seed=args.seed,
         strength=args.strength,
     )
-    return config, args.checkpoint, args.threads
+    return config, args.checkpoint, args.threads, args.grid
+
+
+_GRID_IMAGES = 32  # one run of adherence prompts: every colour x shape once
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config, checkpoint, threads = parse_args(argv)
+    config, checkpoint, threads, grid_path = parse_args(argv)
+    kept: list[tuple[Case, Image.Image]] = []
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    def keep(case: Case, image: Image.Image) -> None:
+        if grid_path and len(kept) < _GRID_IMAGES:
+            kept.append((case, image))
+
     with make_generators(checkpoint, threads) as generators:
-        report = evaluate(config, generators.txt2img, generators.img2img, log)
+        report = evaluate(config, generators.txt2img, generators.img2img, log, keep)
+    if grid_path and kept:
+        grid([image for _, image in kept]).save(grid_path)
+        Path(grid_path).with_suffix(".txt").write_text("\n".join(case.prompt for case, _ in kept) + "\n")
     print(format_report(report))
     print(json.dumps({"demo_eval": report.as_json()}))
     return 0

@@ -4,7 +4,18 @@ from PIL import Image
 
 from sdserver.demo import classifier
 from sdserver.demo.classifier import CLEAN, DEGRADED, Degradation, classify, degrade, validate
-from sdserver.demo.dataset import PALETTE, Colour, Position, Scene, Shape, Size, render
+from sdserver.demo.dataset import (
+    PALETTE,
+    Colour,
+    Position,
+    Scene,
+    Shape,
+    Size,
+    coverage,
+    draw_layout,
+    render,
+    render_layout,
+)
 from sdserver.errors import InvalidImage
 
 
@@ -92,3 +103,13 @@ def test_renders_fit_the_two_colour_picture():
     assert classify(image).residual < 1.0
     assert classify(degrade(image, DEGRADED, np.random.default_rng(0))).readable
     assert classify(degrade(image, classifier.HEAVY, np.random.default_rng(0))).readable
+
+
+def test_shape_mask_matches_the_drawn_shape():
+    scene = Scene(Shape.SQUARE, Colour.GREEN, Colour.PURPLE, Size.LARGE, Position.TOP_LEFT)
+    layout = draw_layout(scene, np.random.default_rng(0))
+    truth = coverage(scene.shape, layout, 64) > 0.5
+    mask = classifier.shape_mask(degrade(render_layout(scene, layout, 64), DEGRADED, np.random.default_rng(0)))
+    assert (mask & truth).sum() / (mask | truth).sum() > 0.85
+    blank = np.full((64, 64, 3), 255, dtype=np.uint8)
+    assert not classifier.shape_mask(blank).any()

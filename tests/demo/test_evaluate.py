@@ -90,14 +90,17 @@ def faithful_txt2img(prompt, negative_prompt, seed, width, height, steps, cfg, s
 
 
 def recolouring_img2img(init_image, prompt, negative_prompt, seed, width, height, steps, cfg, sampler, strength):
-    """Keeps the init image's layout and background, repaints the shape in the prompt's colour."""
+    """Keeps the init image's layout and background, repaints the shape in the prompt's colour (if any)."""
+    named = parse_prompt(prompt).get("colour")
+    if named is None:
+        return init_image
     found = find_foreground(to_array(init_image))
-    target = np.asarray(PALETTE[Colour(parse_prompt(prompt)["colour"])], dtype=np.float32)
+    target = np.asarray(PALETTE[Colour(named)], dtype=np.float32)
     out = found.bg_rgb + found.alpha[..., None] * (target - found.bg_rgb)
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
 
 
-SMALL = EvalConfig(n=24, size=64, n_negative=24, n_recolour=6, n_validate=12)
+SMALL = EvalConfig(n=24, size=64, n_negative=24, n_recolour=6, n_validate=9)
 
 
 def test_a_faithful_model_scores_full_marks():
@@ -109,6 +112,7 @@ def test_a_faithful_model_scores_full_marks():
     assert report.recolour.recoloured.value == 1.0
     assert report.recolour.mean_iou > 0.9
     assert report.recolour.baseline_iou < report.recolour.mean_iou
+    assert report.classifier_roundtrip == {a: 1.0 for a in report.adherence}  # its round trip is exact
     text = evaluate.format_report(report)
     assert "colour" in text and "negative prompt 'red'" in text and "recoloured 1.000" in text
     figures = json.loads(json.dumps(report.as_json()))
@@ -125,6 +129,7 @@ def test_a_model_that_ignores_prompts_scores_low():
     assert report.adherence["colour"].value < 0.2 and report.adherence["shape"].value < 0.4
     assert report.negative_with.value == 0.0 and report.negative_without.value == 0.0
     assert report.recolour is None and "no img2img" in report.recolour_error
+    assert report.classifier_roundtrip is None
     assert "not measured" in evaluate.format_report(report)
 
 
@@ -137,11 +142,21 @@ def test_failed_img2img_is_reported_not_raised():
 
 
 def test_command_line_defaults_match_the_issue():
-    config, checkpoint, threads = evaluate.parse_args([])
+    config, checkpoint, threads, grid_path = evaluate.parse_args([])
     assert (config.n, config.steps, config.cfg, config.sampler, config.size) == (200, 20, 7.0, "Euler a", 128)
-    assert checkpoint is None and threads >= 1
-    config, checkpoint, _ = evaluate.parse_args(["--checkpoint", "x.safetensors", "--n", "50", "--size", "64"])
+    assert checkpoint is None and threads >= 1 and grid_path is None
+    config, checkpoint, _, _ = evaluate.parse_args(["--checkpoint", "x.safetensors", "--n", "50", "--size", "64"])
     assert (config.n, config.size, checkpoint) == (50, 64, "x.safetensors")
+
+
+def test_sink_sees_every_adherence_picture_and_grid_tiles_them():
+    seen = []
+    config = dataclasses.replace(SMALL, n=10, n_negative=2)
+    evaluate.evaluate(config, faithful_txt2img, None, sink=lambda case, image: seen.append((case, image)))
+    assert [case.prompt for case, _ in seen] == [c.prompt for c in evaluate.adherence_cases(10, config.seed)]
+    sheet = evaluate.grid([image for _, image in seen], columns=4)
+    assert sheet.size == (4 * 64, 3 * 64)
+    assert sheet.getpixel((64 + 1, 1)) == seen[1][1].getpixel((1, 1))
 
 
 def test_noise_pictures_fail_every_attribute():
