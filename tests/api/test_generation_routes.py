@@ -273,3 +273,17 @@ def test_progress_answers_while_the_thread_pool_is_exhausted(make_client, fake_e
     gate.set()
     blocked.join(5)
     assert box["r"].status_code == 200
+
+
+def test_image_urls_are_refused_without_the_flag(client):
+    r = client.post("/sdapi/v1/img2img", json={"init_images": ["http://169.254.169.254/latest/x.png"], "steps": 1})
+    assert r.status_code == 422 and r.json()["field"] == "init_images[0]"
+    r = client.post("/sdapi/v1/png-info", json={"image": "https://example.com/a.png"})
+    assert r.status_code == 422 and r.json()["field"] == "image"
+
+
+def test_decompression_bombs_are_refused(make_client):
+    client = make_client(limits=Limits(max_image_pixels=32 * 32))
+    init = b64_png(Image.new("RGB", (64, 64)))
+    r = client.post("/sdapi/v1/img2img", json={"init_images": [init], "steps": 1})
+    assert r.status_code == 422 and r.json()["field"] == "init_images[0]"

@@ -245,7 +245,9 @@ def pnginfo(request: Request, req: PngInfoRequest) -> dict[str, Any]:
     if not req.image.strip():
         return {"info": "", "items": {}, "parameters": {}}  # A1111 answers an empty image with an empty info
     settings: Settings = request.app.state.settings
-    image = decode_image(req.image, "image", max_pixels=settings.limits.max_image_pixels, allow_remote=False)
+    image = decode_image(
+        req.image, "image", max_pixels=settings.limits.max_image_pixels, allow_remote=settings.api_allow_remote_images
+    )
     return png_info(image)
 
 
