@@ -271,8 +271,7 @@ def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     """A random true caption of the scene: "a small red circle on a blue background in the top left",
-    "red circle", "a star on blue", "an orange square at the center", ... Always draws the same number of
-    random values, so one caption's choices never shift the next scene's."""
+    "red circle", "a star on blue", "an orange square at the center", ..."""
     u = rng.random(8)
     if u[0] < P_COLOUR_ONLY:
         return str(scene.colour)

@@ -179,3 +179,15 @@ def test_coverage_window_is_a_crop_of_the_whole():
     layout = Layout(0.4, 0.6, 0.2, 0.1)
     window = (slice(10, 50), slice(5, 30))
     assert np.array_equal(coverage(Shape.STAR, layout, 64, window), coverage(Shape.STAR, layout, 64)[window])
+
+
+def test_describe_names_exactly_what_it_is_asked_to():
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        scene = random_scene(rng)
+        full = dataset.describe(scene, background=True, size=True, position=True)
+        assert parse_prompt(full) == scene.attributes(), full
+        assert parse_prompt(dataset.describe(scene)) == {"colour": str(scene.colour), "shape": str(scene.shape)}
+        assert parse_prompt(dataset.describe(scene, colour=False)) == {"shape": str(scene.shape)}
+    orange = Scene(Shape.SQUARE, Colour.ORANGE, Colour.ORANGE, Size.LARGE, Position.CENTRE)
+    assert dataset.describe(orange, background=True) == "an orange square on an orange background"
