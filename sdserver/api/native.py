@@ -73,7 +73,9 @@ def job_status(info: JobInfo, *, preview_format: str = "png", with_preview: bool
 def job_body(info: JobInfo, *, preview_format: str = "png") -> dict[str, Any]:
     """A job's state, plus its A1111 response once it succeeded (blocking: encodes images)."""
     body = job_status(info, preview_format=preview_format, with_preview=not info.state.finished)
-    body["result"] = build_generation_response(info) if info.state is JobState.SUCCEEDED else None
+    # A synchronous A1111 request's images went out with its response and are no longer kept.
+    delivered = info.state is JobState.SUCCEEDED and info.result is not None
+    body["result"] = build_generation_response(info) if delivered else None
     return body
 
 

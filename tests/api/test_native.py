@@ -147,3 +147,20 @@ def test_events_of_a_failed_job_end_with_failed(client, engine_of):
 
 def test_health(client):
     assert client.get("/sdserver/v1/health").json() == {"status": "ok"}
+
+
+def test_a_synchronous_jobs_id_can_be_polled_after_it_answered(client):
+    assert client.post("/sdapi/v1/txt2img", json={"steps": 1, "force_task_id": "task(s)"}).status_code == 200
+    body = client.get("/sdserver/v1/jobs/task(s)").json()
+    assert body["status"] == "succeeded" and body["result"] is None
+
+
+def test_an_active_force_task_id_cannot_be_reused(make_client, fake_engine):
+    engine = fake_engine().hold()
+    client = make_client(engine)
+    assert client.post("/sdserver/v1/jobs/txt2img", json={"steps": 2, "force_task_id": "t1"}).status_code == 202
+    r = client.post("/sdserver/v1/jobs/txt2img", json={"steps": 2, "force_task_id": "t1"})
+    assert r.status_code == 422 and r.json()["field"] == "force_task_id"
+    engine.release.set()
+    poll(client, "/sdserver/v1/jobs/t1")
+    assert client.post("/sdserver/v1/jobs/txt2img", json={"steps": 1, "force_task_id": "t1"}).status_code == 202

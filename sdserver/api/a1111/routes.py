@@ -47,7 +47,7 @@ from sdserver.api.auth import TOKEN_COOKIE, Authenticator, credentials_match, pa
 from sdserver.api.errors import SettingsFrozen
 from sdserver.engine.types import Engine, GenerationRequest
 from sdserver.errors import ModelNotFound, UnsupportedFeature
-from sdserver.jobs import JobInfo, JobKind, JobQueue, result_of
+from sdserver.jobs import DuplicateJobId, JobInfo, JobKind, JobQueue, result_of
 from sdserver.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -152,15 +152,19 @@ def submit_generation(state: Any, gen: GenerationRequest, ctx: GenerationContext
     kind = "img2img" if gen.is_img2img else "txt2img"
     queue: JobQueue = state.queue
     restore = bool(getattr(ctx.request, "override_settings_restore_afterwards", True))
-    return queue.submit(
-        generation_work(gen, restore=restore, options=state.options),
-        kind=JobKind.GENERATE,
-        name=f"scripts_{kind}",
-        job_id=job_id or new_task_id(kind),
-        request=gen,
-        passes=gen.n_iter,
-        context=ctx,
-    )
+    try:
+        return queue.submit(
+            generation_work(gen, restore=restore, options=state.options),
+            kind=JobKind.GENERATE,
+            name=f"scripts_{kind}",
+            job_id=job_id or new_task_id(kind),
+            request=gen,
+            passes=gen.n_iter,
+            context=ctx,
+        )
+    except DuplicateJobId as exc:
+        exc.field = "force_task_id"
+        raise
 
 
 def build_generation_response(info: JobInfo) -> dict[str, Any]:
