@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -14,9 +15,13 @@ from sdserver.engine.types import CheckpointInfo, GenerationRequest, GenerationR
 from sdserver.errors import InvalidRequest, NoModelAvailable, UnsupportedFeature
 from sdserver.models.manager import ModelManager, free_memory, validate_file
 from sdserver.models.sd_model import SDModel
+from sdserver.networks import EmbeddingDatabase, NetworkLibrary, apply_networks
+from sdserver.pipeline.conditioning import TextEncoderCache
+from sdserver.pipeline.extra_networks import LoraCall, lora_calls, parse_extra_networks
 from sdserver.pipeline.hires import txt2img_hires
 from sdserver.pipeline.img2img import img2img
-from sdserver.pipeline.txt2img import txt2img
+from sdserver.pipeline.prompt_parser import strip_comments
+from sdserver.pipeline.txt2img import conditioning_options, txt2img
 from sdserver.settings import Settings
 from sdserver.upscalers.builtin import BUILTIN_NAMES, resize_builtin
 from sdserver.upscalers.latent import LATENT_MODES, is_latent_mode
@@ -79,12 +84,37 @@ def unsupported_fields(request: GenerationRequest) -> list[str]:
     return fields
 
 
+def network_calls(request: GenerationRequest) -> list[LoraCall]:
+    """The `<lora:...>` tags of the prompt and negative prompt (A1111 reads only the prompt; Forge both)."""
+    if request.disable_extra_networks:
+        return []
+    calls = []
+    for field, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+        calls += lora_calls(parse_extra_networks(strip_comments(text))[1], field=field)
+    return calls
+
+
+def infotext_hashes(hashes: dict[str, str]) -> str:
+    """A1111's "name: hash, name2: hash2" with ':' and ',' removed from names."""
+    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in hashes.items())
+
+
+@dataclass
+class Libraries:
+    """Files besides checkpoints that requests draw on: upscaler models, LoRAs, embeddings."""
+
+    upscalers: UpscalerRegistry
+    networks: NetworkLibrary
+    embeddings: EmbeddingDatabase
+
+
 class LocalEngine:
     """Implements sdserver.engine.types.Engine over a ModelManager. Runs on the job worker's thread."""
 
-    def __init__(self, manager: ModelManager, upscalers: UpscalerRegistry) -> None:
+    def __init__(self, manager: ModelManager, libraries: Libraries) -> None:
         self.manager = manager
-        self.upscalers = upscalers
+        self.libraries = libraries
+        self.upscalers = libraries.upscalers
 
     def pixel_upscale(self, image: Image.Image, width: int, height: int, name: str, field: str = "hr_upscaler") -> Image.Image:
         """`image` at exactly width × height through the named upscaler (a model runs at its own scale first)."""
@@ -108,20 +138,27 @@ class LocalEngine:
                 f"{missing[0]} is not supported by this server yet", field=missing[0]
             )
         self._check_upscaler(request)
+        calls = network_calls(request)
         model, info = self._model_for(request)
-        with seamless(model, request.tiling):
+        embeddings = self.libraries.embeddings.for_model(model)
+        cache = TextEncoderCache(model, conditioning_options(request), embeddings, embeddings.embed_chunks)
+        with apply_networks(model, calls, self.libraries.networks) as applied, seamless(model, request.tiling):
             if request.is_img2img:
                 images, interrupted = img2img(
-                    model, request, control, resize=lambda img, w, h: self.pixel_upscale(img, w, h, "Lanczos"),
-                    inpainting_mask_weight=request.inpainting_mask_weight,
+                    model, request, control, cache, inpainting_mask_weight=request.inpainting_mask_weight
                 )
             elif request.hires is not None:
-                images, interrupted = txt2img_hires(model, request, control, self.pixel_upscale)
+                images, interrupted = txt2img_hires(model, request, control, self.pixel_upscale, cache)
             else:
-                images, interrupted = txt2img(model, request, control)
+                images, interrupted = txt2img(model, request, control, cache)
+        extra: dict[str, object] = {}
+        if applied.hashes:
+            extra["Lora hashes"] = infotext_hashes(applied.hashes)
+        if cache.used_embeddings:
+            extra["TI hashes"] = infotext_hashes({n: embeddings.hash(n) for n in cache.used_embeddings})
         return GenerationResult(
-            images=tuple(images), model_name=Path(info.filename).stem, model_hash=info.hash, interrupted=interrupted,
-            is_using_inpainting_conditioning=model.is_inpainting and request.is_img2img,
+            images=tuple(images), model_name=Path(info.filename).stem, model_hash=info.hash, extra_params=extra,
+            interrupted=interrupted, is_using_inpainting_conditioning=model.is_inpainting and request.is_img2img,
         )
 
     def _check_upscaler(self, request: GenerationRequest) -> None:
@@ -177,7 +214,13 @@ def create_engine(settings: Settings) -> LocalEngine:
         dirs, fallback_checkpoint(settings, dirs), settings.data_dir / "cache.json", device, dtype,
         hashing=not settings.no_hashing,
     )
-    engine = LocalEngine(manager, UpscalerRegistry(upscaler_dirs(settings)))
+    root = models_dir(settings)
+    libraries = Libraries(
+        upscalers=UpscalerRegistry(upscaler_dirs(settings)),
+        networks=NetworkLibrary([settings.lora_dir or root / "Lora", root / "LyCORIS"]),
+        embeddings=EmbeddingDatabase([settings.embeddings_dir or settings.data_dir / "embeddings"]),
+    )
+    engine = LocalEngine(manager, libraries)
     if not settings.skip_load_model_at_start:
         with contextlib.suppress(NoModelAvailable):
             manager.ensure_loaded()

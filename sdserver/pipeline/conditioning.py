@@ -64,10 +64,13 @@ class TextEncoderCache:
     embeddings: EmbeddingLookup | None = None
     token_embeds: TokenEmbedder | None = None
     encoded: dict[tuple[str, ...], tuple[TextConditioning, ...]] = field(default_factory=dict)
+    used_embeddings: list[str] = field(default_factory=list)  # in first-use order, for "TI hashes"
 
     def encode(self, texts: tuple[str, ...]) -> tuple[TextConditioning, ...]:
         if texts not in self.encoded:
-            self.encoded[texts] = encode_texts(self.model, texts, self.options, self.embeddings, self.token_embeds)
+            self.encoded[texts] = encode_texts(
+                self.model, texts, self.options, self.embeddings, self.token_embeds, self.used_embeddings
+            )
         return self.encoded[texts]
 
 
@@ -78,6 +81,7 @@ def encode_texts(
     options: ConditioningOptions,
     embeddings: EmbeddingLookup | None = None,
     token_embeds: TokenEmbedder | None = None,
+    used_embeddings: list[str] | None = None,
 ) -> tuple[TextConditioning, ...]:
     """Encode one prompt's schedule texts together, as A1111 does: chunk i of every text is one batch, shorter
     texts are padded with empty chunks, and "Original" emphasis restores the mean over that batch."""
@@ -89,6 +93,10 @@ def encode_texts(
         )
         for text in texts
     ]
+    if used_embeddings is not None:
+        for slot in (slot for chunks in chunked for chunk in chunks for slot in chunk.embeddings):
+            if slot.name not in used_embeddings:
+                used_embeddings.append(slot.name)
     count = max(len(c) for c in chunked)
     for chunks in chunked:
         chunks.extend(empty_chunk(model.tokenizer, pad_token=pad) for _ in range(count - len(chunks)))

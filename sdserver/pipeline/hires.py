@@ -80,12 +80,13 @@ def upscale_first_pass(
 
 
 def txt2img_hires(
-    model: SDModel, request: GenerationRequest, control: JobControl, pixel_upscale: PixelUpscale
+    model: SDModel, request: GenerationRequest, control: JobControl, pixel_upscale: PixelUpscale,
+    cache: TextEncoderCache | None = None,
 ) -> tuple[list[GeneratedImage], bool]:
     hires = request.hires
     assert hires is not None
     plan = plan_batches(request)
-    cache = TextEncoderCache(model, conditioning_options(request))
+    cache = cache or TextEncoderCache(model, conditioning_options(request))
     target = hires_target(request.width, request.height, hires)
     params2 = second_pass_sampling(request.sampling, hires)
     first_steps = request.sampling.steps

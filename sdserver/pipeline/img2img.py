@@ -15,7 +15,7 @@ from sdserver.models.sd_model import SDModel
 from sdserver.pipeline.cfg import CFGDenoiser
 from sdserver.pipeline.conditioning import TextEncoderCache
 from sdserver.pipeline.denoise import guided_denoiser, make_rng, run_sampler
-from sdserver.pipeline.image_ops import Img2ImgImages, finish_img2img_image, latent_mask, prepare_img2img_images
+from sdserver.pipeline.image_ops import Img2ImgImages, UpscalerFn, finish_img2img_image, latent_mask, prepare_img2img_images
 from sdserver.pipeline.images import approx_preview, pil_to_tensor, tensor_to_pil
 from sdserver.pipeline.txt2img import (
     conditioning_options, guidance_for, plan_batches, schedule_steps, vector_conditioning,
@@ -23,9 +23,6 @@ from sdserver.pipeline.txt2img import (
 from sdserver.sampling import run
 from sdserver.sampling.discrete import DiscreteSchedule
 from sdserver.upscalers.latent import upscale_latent
-
-PixelResize = Callable[[Image.Image, int, int], Image.Image]
-
 
 @dataclass(frozen=True)
 class LatentMask:
@@ -38,10 +35,9 @@ class LatentMask:
         return init * self.keep + x * self.regen
 
 
-def prepare_pixels(request: GenerationRequest, resize: PixelResize | None) -> Img2ImgImages:
+def prepare_pixels(request: GenerationRequest, upscaler_fn: UpscalerFn | None) -> Img2ImgImages:
     """Phase 1: resize, crop for "only masked", blur and invert the mask, pre-fill the masked area."""
     inpaint = request.inpaint
-    upscaler_fn = None if resize is None else (lambda img, w, h: resize(img, w, h))
     if inpaint is None:
         return prepare_img2img_images(
             request.init_images, request.width, request.height, resize_mode=request.resize_mode, upscaler_fn=upscaler_fn
@@ -115,13 +111,15 @@ def fill_latent(init: torch.Tensor, mask: LatentMask | None, fill: int, rng_nois
 
 
 def img2img(
-    model: SDModel, request: GenerationRequest, control: JobControl, *, resize: PixelResize | None = None,
-    inpainting_mask_weight: float = 1.0,
+    model: SDModel, request: GenerationRequest, control: JobControl, cache: TextEncoderCache | None = None, *,
+    upscaler_fn: UpscalerFn | None = None, inpainting_mask_weight: float = 1.0,
 ) -> tuple[list[GeneratedImage], bool]:
+    """`upscaler_fn(image, scale)` enlarges init images smaller than the target (A1111's
+    upscaler_for_img2img); None resizes with Lanczos."""
     params = request.sampling
-    prepared = prepare_pixels(request, resize)
+    prepared = prepare_pixels(request, upscaler_fn)
     plan = plan_batches(request)
-    cache = TextEncoderCache(model, conditioning_options(request))
+    cache = cache or TextEncoderCache(model, conditioning_options(request))
     sched = DiscreteSchedule(model.alphas_cumprod)
     images: list[GeneratedImage] = []
     for index in range(request.n_iter):

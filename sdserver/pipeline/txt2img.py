@@ -92,10 +92,13 @@ def sample_batch(
     return result.latents, result.stopped
 
 
-def txt2img(model: SDModel, request: GenerationRequest, control: JobControl) -> tuple[list[GeneratedImage], bool]:
-    """All batches of a request; returns the images and whether the user interrupted."""
+def txt2img(
+    model: SDModel, request: GenerationRequest, control: JobControl, cache: TextEncoderCache | None = None
+) -> tuple[list[GeneratedImage], bool]:
+    """All batches of a request; returns the images and whether the user interrupted. `cache` carries the
+    textual-inversion embeddings, when the caller has them."""
     plan = plan_batches(request)
-    cache = TextEncoderCache(model, conditioning_options(request))
+    cache = cache or TextEncoderCache(model, conditioning_options(request))
     images: list[GeneratedImage] = []
     for index in range(request.n_iter):
         control.begin_pass(index, request.n_iter, request.sampling.steps)

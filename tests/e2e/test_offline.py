@@ -8,10 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdserver.engine.engine import LocalEngine
+from sdserver.engine.engine import Libraries, LocalEngine
+from sdserver.networks import EmbeddingDatabase, NetworkLibrary
 from sdserver.engine.types import GenerationRequest, SamplingParams, SeedParams
 from sdserver.models.manager import ModelManager
 from sdserver.upscalers.registry import UpscalerRegistry
+
+
+def empty_libraries(tmp_path: Path) -> Libraries:
+    return Libraries(UpscalerRegistry({}), NetworkLibrary([tmp_path / "Lora"]), EmbeddingDatabase([tmp_path / "embeddings"]))
 
 
 def test_no_socket_is_opened_while_loading_and_generating(tiny_checkpoint: Path, tmp_path: Path, monkeypatch, control) -> None:  # type: ignore[no-untyped-def]
@@ -25,7 +30,7 @@ def test_no_socket_is_opened_while_loading_and_generating(tiny_checkpoint: Path,
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     manager = ModelManager([tiny_checkpoint.parent], None, tmp_path / "cache.json", torch.device("cpu"), torch.float32)
-    engine = LocalEngine(manager, UpscalerRegistry({}))
+    engine = LocalEngine(manager, empty_libraries(tmp_path))
     result = engine.generate(
         GenerationRequest(prompt="a cat", width=64, height=64, sampling=SamplingParams(sampler="dpmpp_2m", steps=3),
                           seeds=SeedParams(seed=1)),

@@ -60,3 +60,15 @@ def test_a_generation_request_never_blocks_listings(server: str) -> None:
         assert httpx.get(f"{server}/sdapi/v1/{route}", timeout=5).status_code == 200
         assert time.monotonic() - started < 1.0
     slow.join()
+
+
+def test_the_classic_img2img_script_runs_unchanged(server: str, tmp_path: Path) -> None:
+    init = tmp_path / "in.png"
+    Image.new("RGB", (96, 80), (200, 30, 30)).save(init)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "img2img.py"), str(init), server], cwd=tmp_path,
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    # The script sends no size: the model's native size (512 for an SD 1.x checkpoint without metadata).
+    assert Image.open(tmp_path / "img2img_0.png").size == (512, 512)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sdserver.engine.devices import pick_device, pick_dtype
-from sdserver.engine.engine import LocalEngine, fallback_checkpoint, seamless
+from sdserver.engine.engine import Libraries, LocalEngine, fallback_checkpoint, seamless
+from sdserver.networks import EmbeddingDatabase, NetworkLibrary
 from sdserver.engine.types import GenerationRequest, HiresParams, SamplingParams, SeedParams
 from sdserver.errors import InvalidRequest, NoModelAvailable
 from sdserver.models.manager import ModelManager
@@ -17,14 +18,18 @@ from sdserver.settings import Settings
 from sdserver.upscalers.registry import UpscalerRegistry
 
 
+def empty_libraries(tmp_path: Path) -> Libraries:
+    return Libraries(UpscalerRegistry({}), NetworkLibrary([tmp_path / "Lora"]), EmbeddingDatabase([tmp_path / "embeddings"]))
+
+
 @pytest.fixture
 def engine(tiny_checkpoint: Path, tmp_path: Path) -> LocalEngine:
     manager = ModelManager([tiny_checkpoint.parent], None, tmp_path / "cache.json", torch.device("cpu"), torch.float32)
-    return LocalEngine(manager, UpscalerRegistry({}))
+    return LocalEngine(manager, empty_libraries(tmp_path))
 
 
 REQUEST = GenerationRequest(
-    prompt="a red circle <lora:nothing:0>  # a comment", width=64, height=64,
+    prompt="a red circle  # a comment", width=64, height=64,
     sampling=SamplingParams(sampler="euler", steps=2), seeds=SeedParams(seed=5),
 )
 
@@ -90,8 +95,44 @@ def test_tiled_images_wrap_around(engine: LocalEngine, control) -> None:  # type
 
 def test_no_checkpoint_answers_with_where_to_put_one(tmp_path: Path, control) -> None:  # type: ignore[no-untyped-def]
     manager = ModelManager([tmp_path / "none"], None, tmp_path / "cache.json", torch.device("cpu"), torch.float32)
-    engine = LocalEngine(manager, UpscalerRegistry({}))
+    engine = LocalEngine(manager, empty_libraries(tmp_path))
     with pytest.raises(NoModelAvailable) as err:
         engine.generate(REQUEST, control)
     assert "models/Stable-diffusion" in str(err.value) or "none" in str(err.value)
     assert engine.default_size() == (512, 512)
+
+
+def write_kohya_lora(path: Path) -> None:
+    """One LoRA on the first self-attention's query projection of the tiny UNet (32 wide), in kohya's names."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file(
+        {f"{key}.lora_down.weight": torch.randn(4, 32, generator=gen), f"{key}.lora_up.weight": torch.randn(32, 4, generator=gen),
+         f"{key}.alpha": torch.tensor(4.0)},
+        str(path), metadata={"ss_output_name": "shapes"},
+    )
+
+
+def test_a_lora_changes_the_image_and_its_removal_restores_it_exactly(engine: LocalEngine, tmp_path: Path, control) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    (tmp_path / "Lora").mkdir()
+    write_kohya_lora(tmp_path / "Lora" / "style.safetensors")
+    before = np.asarray(engine.generate(REQUEST, control).images[0].image)
+    with_lora = engine.generate(replace(REQUEST, prompt="a red circle <lora:style:1.5>"), control)
+    after = np.asarray(engine.generate(REQUEST, control).images[0].image)
+    assert not np.array_equal(before, np.asarray(with_lora.images[0].image))
+    assert np.array_equal(before, after)
+    assert with_lora.extra_params["Lora hashes"].startswith("style: ")
+    by_alias = engine.generate(replace(REQUEST, prompt="a red circle <lora:shapes:1.5>"), control)
+    assert np.array_equal(np.asarray(by_alias.images[0].image), np.asarray(with_lora.images[0].image))
+
+
+def test_an_unknown_lora_is_refused_naming_it(engine: LocalEngine, control) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidRequest) as err:
+        engine.generate(replace(REQUEST, prompt="a cat <lora:missing:1>"), control)
+    assert err.value.field == "prompt" and "missing" in err.value.message
+    # disable_extra_networks strips the tag without applying it.
+    assert engine.generate(replace(REQUEST, prompt="a cat <lora:missing:1>", disable_extra_networks=True), control).images
