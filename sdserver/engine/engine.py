@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from PIL import Image
 
 from sdserver.engine.devices import cpu_has_native_bf16, pick_device, pick_dtype
+from sdserver.engine.vae import VaeFile, VaeLibrary
 from sdserver.engine.types import CheckpointInfo, GenerationRequest, GenerationResult, JobControl
 from sdserver.errors import InvalidRequest, NoModelAvailable, UnsupportedFeature
 from sdserver.models.manager import ModelManager, free_memory, validate_file
@@ -25,7 +26,7 @@ from sdserver.pipeline.txt2img import conditioning_options, txt2img
 from sdserver.settings import Settings
 from sdserver.upscalers.builtin import BUILTIN_NAMES, resize_builtin
 from sdserver.upscalers.latent import LATENT_MODES, is_latent_mode
-from sdserver.upscalers.registry import UpscalerRegistry
+from sdserver.upscalers.registry import RealESRGANModel, UpscalerInfo, UpscalerRegistry
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "demo" / "data" / "sdserver-demo.safetensors"
 
@@ -77,8 +78,6 @@ def seamless(model: SDModel, enabled: bool) -> Iterator[None]:
 def unsupported_fields(request: GenerationRequest) -> list[str]:
     """Fields whose feature has not landed: a request using them is refused, never silently ignored."""
     fields = []
-    if request.vae not in (None, "Automatic", "None"):
-        fields.append("sd_vae")
     if request.hires is not None and request.hires.checkpoint not in (None, "", "Use same checkpoint"):
         fields.append("hr_checkpoint_name")
     return fields
@@ -106,6 +105,7 @@ class Libraries:
     upscalers: UpscalerRegistry
     networks: NetworkLibrary
     embeddings: EmbeddingDatabase
+    vaes: VaeLibrary
 
 
 class LocalEngine:
@@ -140,6 +140,8 @@ class LocalEngine:
         self._check_upscaler(request)
         calls = network_calls(request)
         model, info = self._model_for(request)
+        vae = self.libraries.vaes.choose(request.vae, Path(info.filename))
+        self.libraries.vaes.apply(model, vae)
         embeddings = self.libraries.embeddings.for_model(model)
         cache = TextEncoderCache(model, conditioning_options(request), embeddings, embeddings.embed_chunks)
         with apply_networks(model, calls, self.libraries.networks) as applied, seamless(model, request.tiling):
@@ -158,6 +160,7 @@ class LocalEngine:
             extra["TI hashes"] = infotext_hashes({n: embeddings.hash(n) for n in cache.used_embeddings})
         return GenerationResult(
             images=tuple(images), model_name=Path(info.filename).stem, model_hash=info.hash, extra_params=extra,
+            vae_name=vae.name if vae else None, vae_hash=self.libraries.vaes.short_hash(vae) if vae else None,
             interrupted=interrupted, is_using_inpainting_conditioning=model.is_inpainting and request.is_img2img,
         )
 
@@ -201,6 +204,36 @@ class LocalEngine:
             return (512, 512)
         return validate_file(Path(info.filename)).spec.default_size
 
+    # Listings of the files requests draw on besides checkpoints (read from the HTTP thread: each library
+    # guards its own state).
+
+    def upscaler_list(self) -> list[UpscalerInfo]:
+        return self.libraries.upscalers.list()
+
+    def realesrgan_models(self) -> list[RealESRGANModel]:
+        return self.libraries.upscalers.realesrgan_models()
+
+    def refresh_upscalers(self) -> None:
+        self.libraries.upscalers.refresh()
+
+    def lora_list(self) -> list[dict[str, Any]]:
+        return self.libraries.networks.list()
+
+    def refresh_loras(self) -> None:
+        self.libraries.networks.refresh()
+
+    def embedding_listing(self) -> dict[str, dict[str, Any]]:
+        return self.libraries.embeddings.listing(self.manager.current)
+
+    def refresh_embeddings(self) -> None:
+        self.libraries.embeddings.refresh()
+
+    def vae_list(self) -> list[VaeFile]:
+        return self.libraries.vaes.list()
+
+    def refresh_vaes(self) -> None:
+        self.libraries.vaes.refresh()
+
     def free_caches(self) -> None:
         """Called by the job layer after an out-of-memory error."""
         free_memory()
@@ -219,6 +252,7 @@ def create_engine(settings: Settings) -> LocalEngine:
         upscalers=UpscalerRegistry(upscaler_dirs(settings)),
         networks=NetworkLibrary([settings.lora_dir or root / "Lora", root / "LyCORIS"]),
         embeddings=EmbeddingDatabase([settings.embeddings_dir or settings.data_dir / "embeddings"]),
+        vaes=VaeLibrary([settings.vae_dir or root / "VAE"]),
     )
     engine = LocalEngine(manager, libraries)
     if not settings.skip_load_model_at_start:

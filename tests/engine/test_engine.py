@@ -10,6 +10,7 @@ import torch
 
 from sdserver.engine.devices import pick_device, pick_dtype
 from sdserver.engine.engine import Libraries, LocalEngine, fallback_checkpoint, seamless
+from sdserver.engine.vae import VaeLibrary
 from sdserver.networks import EmbeddingDatabase, NetworkLibrary
 from sdserver.engine.types import GenerationRequest, HiresParams, SamplingParams, SeedParams
 from sdserver.errors import InvalidRequest, NoModelAvailable
@@ -19,7 +20,10 @@ from sdserver.upscalers.registry import UpscalerRegistry
 
 
 def empty_libraries(tmp_path: Path) -> Libraries:
-    return Libraries(UpscalerRegistry({}), NetworkLibrary([tmp_path / "Lora"]), EmbeddingDatabase([tmp_path / "embeddings"]))
+    return Libraries(
+        UpscalerRegistry({}), NetworkLibrary([tmp_path / "Lora"]), EmbeddingDatabase([tmp_path / "embeddings"]),
+        VaeLibrary([tmp_path / "VAE"]),
+    )
 
 
 @pytest.fixture
@@ -136,3 +140,24 @@ def test_an_unknown_lora_is_refused_naming_it(engine: LocalEngine, control) -> N
     assert err.value.field == "prompt" and "missing" in err.value.message
     # disable_extra_networks strips the tag without applying it.
     assert engine.generate(replace(REQUEST, prompt="a cat <lora:missing:1>", disable_extra_networks=True), control).images
+
+
+def test_a_vae_swap_changes_the_image_and_none_restores_the_builtin(engine: LocalEngine, tmp_path: Path, control) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+    from safetensors.torch import save_file
+
+    model = engine.manager.ensure_loaded()
+    other = {f"first_stage_model.{k}": v * 1.1 for k, v in model.vae.state_dict().items()}
+    (tmp_path / "VAE").mkdir()
+    save_file(other, str(tmp_path / "VAE" / "other.vae.safetensors"))
+    engine.refresh_vaes()
+    assert [v.name for v in engine.vae_list()] == ["other.vae.safetensors"]
+    builtin = np.asarray(engine.generate(REQUEST, control).images[0].image)
+    swapped = engine.generate(replace(REQUEST, vae="other.vae.safetensors"), control)
+    restored = np.asarray(engine.generate(replace(REQUEST, vae="None"), control).images[0].image)
+    assert not np.array_equal(builtin, np.asarray(swapped.images[0].image))
+    assert swapped.vae_name == "other.vae.safetensors" and len(swapped.vae_hash or "") == 10
+    assert np.array_equal(builtin, restored)
+    with pytest.raises(InvalidRequest) as err:
+        engine.generate(replace(REQUEST, vae="missing.pt"), control)
+    assert err.value.field == "sd_vae"
