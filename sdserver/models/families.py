@@ -32,7 +32,30 @@ def detect(
             return FamilyMatch(family, family.spec(shapes, metadata or {}))
     known = ", ".join(f.name for f in registry)
     sample = ", ".join(sorted(shapes)[:3]) or "no tensors"
-    raise ModelLoadError(f"not a checkpoint of a known model family ({known}); its keys begin: {sample}")
+    hint = describe_unknown(shapes)
+    raise ModelLoadError(
+        f"not a checkpoint of a known model family ({known}){': ' + hint if hint else ''}; its keys begin: {sample}"
+    )
+
+
+def describe_unknown(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """What an unrecognised file most likely is, for the error message (users drop LoRAs and VAEs into the
+    checkpoint folder)."""
+    keys = list(shapes)
+    if any(k.startswith(("lora_", "lycoris_")) or ".lora_down." in k or ".lora_A." in k for k in keys):
+        return "it looks like a LoRA; put it into the Lora folder"
+    if keys and all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "loss.")) for k in keys):
+        return "it looks like a VAE; put it into the VAE folder"
+    if any(k.startswith(("down_blocks.", "unet.down_blocks.", "mid_block.")) for k in keys):
+        return "it is in the diffusers layout; use a single-file checkpoint"
+    conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is not None and len(conv_in) == 4 and conv_in[1] not in (4, 9):
+        return f"its UNet takes {conv_in[1]} input channels (only 4, or 9 for inpainting, are supported)"
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        return "it looks like an SDXL refiner, which is not supported"
+    if conv_in is not None:
+        return "it has a UNet but no known text encoder"
+    return None
 
 
 def family_named(name: str, registry: Sequence[Family] = REGISTRY) -> Family:

@@ -119,7 +119,7 @@ def test_unknown_layouts_are_refused() -> None:
         detect({"foo.weight": (3, 3)})
     pix2pix = dict(SD15_SHAPES)
     pix2pix["model.diffusion_model.input_blocks.0.0.weight"] = (320, 8, 3, 3)
-    with pytest.raises(ModelLoadError, match="known model family"):
+    with pytest.raises(ModelLoadError, match="known model family.*8 input channels"):
         detect(pix2pix)
     sdxl_like = dict(SD15_SHAPES)
     sdxl_like["model.diffusion_model.label_emb.0.0.weight"] = (1280, 2816)
@@ -138,3 +138,18 @@ def test_registry_lookup() -> None:
     assert family_named("sd1").name == "sd1" and family_named("sd1") in REGISTRY
     with pytest.raises(ModelLoadError, match="sdxxl"):
         family_named("sdxxl")
+
+
+@pytest.mark.parametrize(
+    ("shapes", "hint"),
+    [
+        ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320)}, "LoRA"),
+        ({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_out.weight": (3, 128, 3, 3)}, "VAE"),
+        ({"down_blocks.0.resnets.0.conv1.weight": (320, 320, 3, 3)}, "diffusers"),
+        ({"conditioner.embedders.0.model.token_embedding.weight": (49408, 1280)}, "refiner"),
+        ({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}, "no known text encoder"),
+    ],
+)
+def test_unknown_files_get_a_hint(shapes: dict[str, tuple[int, ...]], hint: str) -> None:
+    with pytest.raises(ModelLoadError, match=hint):
+        detect(shapes)
