@@ -18,6 +18,8 @@ from sdserver.models.files import CHECKPOINT_SUFFIXES
 from sdserver.models.hashing import HashCache, cached_sha256, legacy_hash
 
 SHORT_HASH_LEN = 10
+# `<checkpoint>.vae.safetensors` beside a checkpoint is its VAE, not a checkpoint (A1111 leaves them out too).
+_VAE_ENDINGS = (".vae.safetensors", ".vae.ckpt")
 
 
 def cache_key(info: CheckpointInfo) -> str:
@@ -28,7 +30,11 @@ def find_checkpoint_files(folder: Path) -> list[Path]:
     """Checkpoint files under `folder`, recursively, in a stable order."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file()]
+    found = [
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in CHECKPOINT_SUFFIXES and not p.name.lower().endswith(_VAE_ENDINGS) and p.is_file()
+    ]
     return sorted(found, key=lambda p: str(p.relative_to(folder)).lower())
 
 

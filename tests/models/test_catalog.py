@@ -20,6 +20,7 @@ def tree(ckpt_dir: Path) -> Path:
     _file(ckpt_dir / "sub" / "dir" / "Mine.ckpt", b"B" * 100)
     _file(ckpt_dir / "sub" / "dir" / "Mine.yaml", b"model: {}")
     _file(ckpt_dir / "notes.txt", b"not a model")
+    _file(ckpt_dir / "v1-5-pruned-emaonly.vae.safetensors", b"a VAE, listed by the VAE code instead")
     return ckpt_dir
 
 
