@@ -30,8 +30,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class RecordingControl:
     """A JobControl that records what the engine reports and can interrupt or skip at a given step."""
 
-    interrupt_at: int | None = None
-    skip_at: tuple[int, int] | None = None  # (pass index, step)
+    interrupt_at: int | None = None  # 0-based step
+    skip_at: tuple[int, int] | None = None  # (pass index, 0-based step)
     preview_every: int = 0
     passes: list[tuple[int, int, int]] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
@@ -50,7 +50,7 @@ class RecordingControl:
             raise Skipped()
 
     def wants_preview(self, step: int) -> bool:
-        return self.preview_every > 0 and step % self.preview_every == 0
+        return self.preview_every > 0 and (step + 1) % self.preview_every == 0
 
 
 @pytest.fixture

@@ -150,7 +150,8 @@ class Skipped(Exception):
 class JobControl(Protocol):
     """What the engine reports to, and asks, the job that runs it. Implemented by the jobs layer.
 
-    `step` is called once per sampler step; it raises Interrupted or Skipped when the user asked for that.
+    `step` is called once per sampler step with the 0-based index of the step just finished; it raises
+    Interrupted or Skipped when the user asked for that.
     `preview` is a zero-argument function that decodes the current latent when called, so previews cost
     nothing unless someone looks.
     """

@@ -59,7 +59,7 @@ def run_sampler(
         if on_denoised is not None:
             denoised = on_denoised(denoised)
         last["denoised"] = denoised
-        step = int(info["i"]) + 1
+        step = int(info["i"])  # 0-based index of the step just finished
         control.step(step, (lambda: preview(denoised[0])) if control.wants_preview(step) else None)
 
     try:

@@ -41,7 +41,7 @@ def test_img2img_steps_follow_a1111(model, control) -> None:  # type: ignore[no-
     assert images[0].image.size == (64, 64)
     # int(0.75 * 8) + 1 steps run.
     assert control.passes == [(0, 1, 7)]
-    assert control.steps == list(range(1, 8))
+    assert control.steps == list(range(7))
 
 
 def test_one_init_image_fills_the_batch_and_seeds_differ(model, control) -> None:  # type: ignore[no-untyped-def]
@@ -95,4 +95,4 @@ def test_hires_fix_has_the_second_pass_size_and_runs_both_passes(model, control,
     images, _ = txt2img_hires(model, req, control, lambda img, w, h, name: resize_builtin(img, w, h, name))
     assert images[0].image.size == (96, 72)
     assert control.passes == [(0, 2, 4), (1, 2, 3)]
-    assert control.steps == [1, 2, 3, 4, 1, 2, 3]
+    assert control.steps == [0, 1, 2, 3, 0, 1, 2]

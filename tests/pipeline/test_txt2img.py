@@ -38,7 +38,7 @@ def test_images_have_the_requested_size_and_seeds(model, control) -> None:  # ty
     assert [g.seed for g in images] == [1234, 1235, 1236, 1237]
     assert all(g.image.size == (64, 48) for g in images)
     assert control.passes == [(0, 2, 4), (1, 2, 4)]
-    assert control.steps == [1, 2, 3, 4, 1, 2, 3, 4]
+    assert control.steps == [0, 1, 2, 3, 0, 1, 2, 3]
 
 
 def test_same_request_twice_is_identical(model, control) -> None:  # type: ignore[no-untyped-def]
@@ -65,19 +65,19 @@ def test_prompt_negative_prompt_and_clip_skip_each_change_the_image(model, contr
 
 
 def test_interrupt_returns_the_images_so_far(model, control) -> None:  # type: ignore[no-untyped-def]
-    control.interrupt_at = 2
+    control.interrupt_at = 1
     images, interrupted = txt2img(model, request(n_iter=3), control)
     assert interrupted
     assert len(images) == 1
-    assert control.steps == [1, 2]
+    assert control.steps == [0, 1]
 
 
 def test_skip_moves_on_to_the_next_batch(model, control) -> None:  # type: ignore[no-untyped-def]
-    control.skip_at = (0, 2)
+    control.skip_at = (0, 1)
     images, interrupted = txt2img(model, request(n_iter=2), control)
     assert not interrupted
     assert len(images) == 2
-    assert control.steps == [1, 2, 1, 2, 3, 4]
+    assert control.steps == [0, 1, 0, 1, 2, 3]
 
 
 def test_previews_are_made_only_when_asked(model, control) -> None:  # type: ignore[no-untyped-def]
