@@ -48,9 +48,27 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
+# The parts of ftfy.fix_text (which A1111's tokenizer runs) that change CLIP tokens of typed prompts: curly
+# quotes, Latin ligatures, full-width forms, and invisible format/control characters.
+_UNCURL = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'",
+                         "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"'})
+_LIGATURES = str.maketrans({"\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl",
+                            "\ufb05": "st", "\ufb06": "st", "\u0132": "IJ", "\u0133": "ij"})
+_FULL_WIDTH = regex.compile(r"[\u3000\uff01-\uffef]+")
+_INVISIBLE = regex.compile(
+    r"[\x00-\x08\x0b\x0e-\x1f\x7f\ufeff\u206a-\u206f\ufff9-\ufffc\U0001d173-\U0001d17a\U000e0000-\U000e007f]"
+)
+
+
+def _fix_text(text: str) -> str:
+    text = _INVISIBLE.sub("", text).translate(_UNCURL).translate(_LIGATURES)
+    text = _FULL_WIDTH.sub(lambda m: unicodedata.normalize("NFKC", m.group(0)), text)
+    return unicodedata.normalize("NFC", text)
+
+
 def clean_text(text: str) -> str:
-    text = unicodedata.normalize("NFC", text)
-    text = html.unescape(html.unescape(text)).strip()
+    """CLIP's text cleaning: ftfy-style fixes, HTML entities decoded, whitespace collapsed, lower case."""
+    text = html.unescape(html.unescape(_fix_text(text))).strip()
     return " ".join(text.split()).lower()
 
 

@@ -43,6 +43,19 @@ def test_html_and_whitespace_cleaning(tok: CLIPTokenizer) -> None:
     assert tok.encode("A   PHOTO\nof a Cat") == tok.encode("a photo of a cat")
 
 
+@pytest.mark.parametrize(
+    ("typed", "plain"),
+    [
+        ("it\u2019s a \u201ccat\u201d", 'it\'s a "cat"'),
+        ("\ufb01sh", "fish"),
+        ("\uff21\uff22\uff23\u3000\uff11", "ABC 1"),
+        ("\ufeffa\x07cat", "acat"),
+    ],
+)
+def test_ftfy_style_fixes_as_a1111(tok: CLIPTokenizer, typed: str, plain: str) -> None:
+    assert tok.encode(typed) == tok.encode(plain)
+
+
 def test_every_vocab_entry_round_trips(tok: CLIPTokenizer) -> None:
     for i in range(tok.vocab_size):
         assert tok.token_to_id(tok.id_to_token(i)) == i
