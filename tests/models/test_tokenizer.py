@@ -33,6 +33,7 @@ def test_specials_and_size(tok: CLIPTokenizer) -> None:
     assert tok.bos_id == 49406 and tok.eos_id == 49407
     assert tok.token_to_id("<|startoftext|>") == 49406
     assert tok.token_to_id("cat</w>") == 2368
+    assert tok.comma_id == 267 == tok.encode("a, b")[1]
     assert tok.token_to_id("no such token") is None
     assert tok.encode("") == []
 
