@@ -25,7 +25,7 @@ from sdserver.models.loader import free_memory, load_checkpoint, validate_file
 from sdserver.models.nn.vae import AutoencoderKL
 from sdserver.models.sd_model import SDModel
 from sdserver.models.tokenizer import CLIPTokenizer
-from sdserver.models.vae_files import AUTOMATIC, VaeInfo, find_vae_files, load_vae, resolve_vae
+from sdserver.models.vae_files import AUTOMATIC, NONE, VaeInfo, find_vae_files, load_vae, resolve_vae
 
 # Re-exported: callers load single files and free memory through the manager's module too.
 __all__ = ["ModelManager", "free_memory", "load_checkpoint", "validate_file"]
@@ -239,6 +239,10 @@ class ModelManager:
     def vae_files(self) -> list[Path]:
         return find_vae_files(self.vae_dirs, self.checkpoint_dirs)
 
+    def _vae_candidates(self, choice: str) -> list[Path]:
+        # "Automatic" and "None" need no folder scan, which every cached-model switch would otherwise pay.
+        return [] if choice in (AUTOMATIC, NONE) else self.vae_files()
+
     @property
     def vae_choice(self) -> str:
         return self._vae_choice
@@ -257,7 +261,7 @@ class ModelManager:
         with self._lock:
             entry = self._loaded.get(self._current) if self._current else None
         checkpoint = Path(entry.info.filename) if entry else None
-        resolve_vae(choice, self.vae_files(), checkpoint)  # validates the name even with no model loaded
+        resolve_vae(choice, self._vae_candidates(choice), checkpoint)  # validates the name even with no model
         if entry is not None:
             entry = self._apply_vae(entry, choice)
             with self._lock:
@@ -268,7 +272,8 @@ class ModelManager:
 
     def _apply_vae(self, entry: _Entry, choice: str | None = None) -> _Entry:
         """`entry` with the chosen VAE in its model (loading a file when it differs from the one in use)."""
-        path = resolve_vae(choice or self._vae_choice, self.vae_files(), Path(entry.info.filename))
+        choice = choice or self._vae_choice
+        path = resolve_vae(choice, self._vae_candidates(choice), Path(entry.info.filename))
         if path is None:
             entry.model.vae = entry.own_vae
             return dataclasses.replace(entry, vae=None)
