@@ -111,6 +111,10 @@ class Family(ABC):
             for component, (prefix, stripped) in found.items()
         }
 
+    def native_size(self, prediction_type: str) -> tuple[int, int]:
+        """The (width, height) the family's models were trained at, for a given prediction type."""
+        return (512, 512)
+
     def guess_prediction(self, state_dict: Mapping[str, torch.Tensor]) -> str | None:
         """A guess from the weights for families whose eps and v variants look alike; None: keep the default."""
         return None

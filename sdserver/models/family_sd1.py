@@ -63,5 +63,5 @@ class SD1Family(Family):
             text_encoders=(cm.apply_overrides(text, doc.get("text_encoder"), "text_encoder"),),
             prediction_type=prediction,
             prediction_source=source,
-            default_size=cm.default_size_of(doc, (512, 512)),
+            default_size=cm.default_size_of(doc, self.native_size(prediction)),
         )

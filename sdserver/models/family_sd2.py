@@ -70,10 +70,13 @@ class SD2Family(Family):
             text_encoders=(cm.apply_overrides(text, doc.get("text_encoder"), "text_encoder"),),
             prediction_type=prediction,
             prediction_source=source,
-            # 768-v models are native 768; without metadata the UNet can't tell, and 512 is the safe side.
-            default_size=cm.default_size_of(doc, (768, 768) if prediction == "v" else (512, 512)),
+            default_size=cm.default_size_of(doc, self.native_size(prediction)),
             fixed_text_layer=2,  # SD 2.x was trained on OpenCLIP's penultimate layer
         )
+
+    def native_size(self, prediction_type: str) -> tuple[int, int]:
+        # The released v-models are the 768 ones, the eps ones 512 (base) — the shapes can't tell them apart.
+        return (768, 768) if prediction_type == "v" else (512, 512)
 
     def guess_prediction(self, state_dict: Mapping[str, torch.Tensor]) -> str | None:
         probe = state_dict.get(_PROBE_KEY)

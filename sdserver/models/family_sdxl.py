@@ -48,6 +48,9 @@ class SDXLFamily(Family):
     def matches(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
         return _UNET_MARKER in shapes and _CLIP_L_MARKER in shapes and _CLIP_G_MARKER in shapes
 
+    def native_size(self, prediction_type: str) -> tuple[int, int]:
+        return (1024, 1024)
+
     def convert(self, component: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return openclip_to_hf(tensors, keep_projection=True) if component == CLIP_G else tensors
 
@@ -78,7 +81,7 @@ class SDXLFamily(Family):
             ),
             prediction_type=prediction,
             prediction_source=source,
-            default_size=cm.default_size_of(doc, (1024, 1024)),
+            default_size=cm.default_size_of(doc, self.native_size(prediction)),
             uses_pooled=True,
             # SDXL conditions on both encoders' penultimate layers, un-normed, concatenated.
             final_layer_norm=False,

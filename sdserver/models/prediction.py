@@ -86,4 +86,8 @@ def resolve_prediction(
     else:
         return match
     kind, source = chosen
-    return FamilyMatch(match.family, dataclasses.replace(spec, prediction_type=kind, prediction_source=source))
+    size = spec.default_size
+    if size == match.family.native_size(spec.prediction_type):  # not set by metadata: follow the prediction type
+        size = match.family.native_size(kind)
+    changed = dataclasses.replace(spec, prediction_type=kind, prediction_source=source, default_size=size)
+    return FamilyMatch(match.family, changed)

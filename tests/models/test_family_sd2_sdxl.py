@@ -151,6 +151,8 @@ def test_prediction_type_sources(tmp_path: Path, tokenizer: CLIPTokenizer) -> No
     yaml.write_text("model:\n  params:\n    parameterization: \"v\"\n    linear_start: 0.00085\n")
     with_yaml = load_checkpoint(plain, torch.float32, "cpu", tokenizer, config=yaml)
     assert (with_yaml.prediction_type, with_yaml.spec.prediction_source) == ("v", "yaml")
+    assert with_yaml.default_size == (768, 768)  # SD 2.x v-models are the 768 ones
+    assert validate_file(plain).spec.default_size == (512, 512)
     overridden = load_checkpoint(plain, torch.float32, "cpu", tokenizer, config=yaml, prediction_type="eps")
     assert overridden.prediction_type == "eps"
 
