@@ -43,6 +43,8 @@ class ModelSpec:
     uses_pooled: bool = False
     # Whether the context is the encoder layer's raw output (SDXL) rather than the final-layer-normed one.
     final_layer_norm: bool = True
+    # Trained with a zero-terminal-SNR schedule (marked by a `ztsnr` tensor, as v-prediction SDXL finetunes are).
+    zero_terminal_snr: bool = False
     # The text layer a family always conditions on (2: penultimate), ignoring the user's clip skip; None: use it.
     fixed_text_layer: int | None = None
 

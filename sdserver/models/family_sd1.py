@@ -9,7 +9,7 @@ from typing import ClassVar
 from sdserver.models import config_metadata as cm
 from sdserver.models import shapes as derive
 from sdserver.models.family_base import UNET, VAE, Family, ModelSpec, text_encoder_component
-from sdserver.models.prediction import declared_prediction
+from sdserver.models.prediction import ZTSNR_MARKER, declared_prediction
 
 TEXT = text_encoder_component(0)
 _UNET_MARKER = "model.diffusion_model.input_blocks.0.0.weight"
@@ -63,5 +63,6 @@ class SD1Family(Family):
             text_encoders=(cm.apply_overrides(text, doc.get("text_encoder"), "text_encoder"),),
             prediction_type=prediction,
             prediction_source=source,
+            zero_terminal_snr=ZTSNR_MARKER in shapes,
             default_size=cm.default_size_of(doc, self.native_size(prediction)),
         )

@@ -13,7 +13,7 @@ from sdserver.models import config_metadata as cm
 from sdserver.models import shapes as derive
 from sdserver.models.family_base import UNET, VAE, Family, ModelSpec, text_encoder_component
 from sdserver.models.openclip import openclip_shapes_to_hf, openclip_to_hf
-from sdserver.models.prediction import declared_prediction
+from sdserver.models.prediction import ZTSNR_MARKER, declared_prediction
 
 TEXT = text_encoder_component(0)
 _UNET_MARKER = "model.diffusion_model.input_blocks.0.0.weight"
@@ -70,6 +70,7 @@ class SD2Family(Family):
             text_encoders=(cm.apply_overrides(text, doc.get("text_encoder"), "text_encoder"),),
             prediction_type=prediction,
             prediction_source=source,
+            zero_terminal_snr=ZTSNR_MARKER in shapes,
             default_size=cm.default_size_of(doc, self.native_size(prediction)),
             fixed_text_layer=2,  # SD 2.x was trained on OpenCLIP's penultimate layer
         )

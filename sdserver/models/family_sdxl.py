@@ -16,7 +16,7 @@ from sdserver.models import config_metadata as cm
 from sdserver.models import shapes as derive
 from sdserver.models.family_base import UNET, VAE, Family, ModelSpec, text_encoder_component
 from sdserver.models.openclip import openclip_shapes_to_hf, openclip_to_hf
-from sdserver.models.prediction import declared_prediction
+from sdserver.models.prediction import ZTSNR_MARKER, declared_prediction
 
 CLIP_L = text_encoder_component(0)
 CLIP_G = text_encoder_component(1)
@@ -81,6 +81,7 @@ class SDXLFamily(Family):
             ),
             prediction_type=prediction,
             prediction_source=source,
+            zero_terminal_snr=ZTSNR_MARKER in shapes,
             default_size=cm.default_size_of(doc, self.native_size(prediction)),
             uses_pooled=True,
             # SDXL conditions on both encoders' penultimate layers, un-normed, concatenated.

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 _YAML_PARAMETERIZATION = re.compile(r"^\s*parameterization:\s*[\"']?([A-Za-z_]+)[\"']?\s*$", re.MULTILINE)
 _MODELSPEC_KEY = "modelspec.prediction_type"
 _V_PRED_MARKER = "v_pred"  # an empty tensor some tools add to v-prediction checkpoints
+ZTSNR_MARKER = "ztsnr"  # likewise, for models trained with a zero-terminal-SNR schedule
 
 
 def normalise(value: str, source: str) -> str:

@@ -17,6 +17,7 @@ from sdserver.models.tokenizer import CLIPTokenizer
 
 # SD's training schedule ("scaled linear"): betas linear in sqrt space from 0.00085 to 0.012 over 1000 steps.
 _BETA_START, _BETA_END, _TRAIN_STEPS = 0.00085, 0.012, 1000
+_ZTSNR_LAST = 4.8973451890853435e-08  # A1111's stand-in for 0: sigma_max ≈ 4500 instead of infinity
 _SIZE_EMBED_DIM = 256  # SDXL's per-number size/crop embedding width (2816 = 1280 pooled + 6 x 256)
 
 
@@ -30,10 +31,22 @@ def repad(tokens: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
     return torch.where(after, torch.full_like(tokens, pad_id), tokens)
 
 
-def sd_alphas_cumprod() -> torch.Tensor:
-    """Cumulative alphas of SD's training schedule, computed in float64 and stored as float32 like LDM does."""
+def sd_alphas_cumprod(zero_terminal_snr: bool = False) -> torch.Tensor:
+    """Cumulative alphas of SD's training schedule, computed in float64 and stored as float32 like LDM does.
+
+    `zero_terminal_snr` rescales them so the last step is pure noise (Lin et al. 2023, "Common Diffusion Noise
+    Schedules and Sample Steps are Flawed"), for models trained that way; the last value is then set to a tiny
+    positive number, as A1111 does, so the largest sigma stays finite."""
     betas = torch.linspace(_BETA_START**0.5, _BETA_END**0.5, _TRAIN_STEPS, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+    if zero_terminal_snr:
+        # In float32, on the float32 table, as A1111 rescales it.
+        root = alphas_cumprod.sqrt()
+        first, last = root[0].clone(), root[-1].clone()
+        root = (root - last) * first / (first - last)
+        alphas_cumprod = root**2
+        alphas_cumprod[-1] = _ZTSNR_LAST
+    return alphas_cumprod
 
 
 @dataclass(frozen=True)
@@ -61,7 +74,7 @@ class SDModel(nn.Module):
         self.text_encoders = nn.ModuleList(text_encoders)
         self.tokenizer = tokenizer
         # A plain attribute, not a buffer: samplers read it on the CPU whatever the model's device.
-        self.alphas_cumprod = sd_alphas_cumprod()
+        self.alphas_cumprod = sd_alphas_cumprod(spec.zero_terminal_snr)
 
     @property
     def family(self) -> str:

@@ -87,3 +87,19 @@ def test_vae_can_keep_its_own_dtype(tiny_state: dict[str, torch.Tensor], tokeniz
     latent = torch.randn(1, 4, 4, 4)
     torch.testing.assert_close(model.decode_latent(latent), model.vae.decode(latent / 0.18215))
     assert model.encode_image(torch.zeros(1, 3, 32, 32)).dtype == torch.float32
+
+
+def test_zero_terminal_snr_schedule() -> None:
+    plain, rescaled = sd_alphas_cumprod(), sd_alphas_cumprod(zero_terminal_snr=True)
+    torch.testing.assert_close(rescaled[0], plain[0])  # the first step keeps its noise level
+    sigma_max = ((1 - rescaled[-1]) / rescaled[-1]) ** 0.5
+    assert 4000 < sigma_max.item() < 5000  # finite, as A1111's rescale
+    assert bool((rescaled[1:-1] < plain[1:-1]).all())  # every other step is noisier
+
+
+def test_ztsnr_marker_is_detected(tiny_state: dict[str, torch.Tensor], tokenizer: CLIPTokenizer) -> None:
+    state = {**tiny_state, "v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}
+    match = detect({k: tuple(v.shape) for k, v in state.items()})
+    assert match.spec.zero_terminal_snr and match.spec.prediction_type == "v"
+    model = build_model(state, match, torch.float32, "cpu", tokenizer)
+    torch.testing.assert_close(model.alphas_cumprod, sd_alphas_cumprod(zero_terminal_snr=True))
