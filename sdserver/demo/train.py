@@ -52,9 +52,11 @@ class TrainConfig:
         model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(1, 1, 1),
         transformer_depth_middle=1, num_head_channels=32, context_dim=128,
     )
-    vae: VAEConfig = VAEConfig(base_channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1)
+    # Four channels per GroupNorm group: with one channel per group (instance norm) a flat colour normalises
+    # to zero and the decoder can't tell red from blue.
+    vae: VAEConfig = VAEConfig(base_channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=4)
     text: TextEncoderConfig = TextEncoderConfig(width=128, layers=3, heads=4, intermediate=512)
-    vae_phase: Phase = Phase(steps=1500, batch=16, lr=1e-3)
+    vae_phase: Phase = Phase(steps=1200, batch=16, lr=1e-3)
     latent_images_64: int = 30_000
     latent_images_128: int = 10_000
     unet_phase_64: Phase = Phase(steps=2000, batch=32, lr=5e-4)

@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 
 from sdserver.engine.devices import cpu_has_native_bf16, pick_device, pick_dtype
-from sdserver.engine.vae import VaeFile, VaeLibrary
 from sdserver.engine.types import CheckpointInfo, GenerationRequest, GenerationResult, JobControl
 from sdserver.errors import InvalidRequest, NoModelAvailable, UnsupportedFeature
 from sdserver.models.manager import ModelManager, free_memory, validate_file
 from sdserver.models.sd_model import SDModel
 from sdserver.networks import EmbeddingDatabase, NetworkLibrary, apply_networks
 from sdserver.pipeline.conditioning import TextEncoderCache
+from sdserver.pipeline.extras import ExtrasParams, run_extras
 from sdserver.pipeline.extra_networks import LoraCall, lora_calls, parse_extra_networks
 from sdserver.pipeline.hires import txt2img_hires
 from sdserver.pipeline.img2img import img2img
@@ -105,7 +105,6 @@ class Libraries:
     upscalers: UpscalerRegistry
     networks: NetworkLibrary
     embeddings: EmbeddingDatabase
-    vaes: VaeLibrary
 
 
 class LocalEngine:
@@ -140,8 +139,7 @@ class LocalEngine:
         self._check_upscaler(request)
         calls = network_calls(request)
         model, info = self._model_for(request)
-        vae = self.libraries.vaes.choose(request.vae, Path(info.filename))
-        self.libraries.vaes.apply(model, vae)
+        vae = self.manager.set_vae(request.vae)
         embeddings = self.libraries.embeddings.for_model(model)
         cache = TextEncoderCache(model, conditioning_options(request), embeddings, embeddings.embed_chunks)
         with apply_networks(model, calls, self.libraries.networks) as applied, seamless(model, request.tiling):
@@ -160,7 +158,7 @@ class LocalEngine:
             extra["TI hashes"] = infotext_hashes({n: embeddings.hash(n) for n in cache.used_embeddings})
         return GenerationResult(
             images=tuple(images), model_name=Path(info.filename).stem, model_hash=info.hash, extra_params=extra,
-            vae_name=vae.name if vae else None, vae_hash=self.libraries.vaes.short_hash(vae) if vae else None,
+            vae_name=vae.name if vae else None, vae_hash=vae.hash if vae else None,
             interrupted=interrupted, is_using_inpainting_conditioning=model.is_inpainting and request.is_img2img,
         )
 
@@ -228,11 +226,12 @@ class LocalEngine:
     def refresh_embeddings(self) -> None:
         self.libraries.embeddings.refresh()
 
-    def vae_list(self) -> list[VaeFile]:
-        return self.libraries.vaes.list()
+    def extras(self, image: Image.Image, params: ExtrasParams) -> tuple[Image.Image, str]:
+        """The extras tab's postprocessing (upscalers, blend) of one image, and its html_info."""
+        return run_extras(image, params, self.libraries.upscalers, device=self.manager.device)
 
-    def refresh_vaes(self) -> None:
-        self.libraries.vaes.refresh()
+    def vae_list(self) -> list[Path]:
+        return self.manager.vae_files()
 
     def free_caches(self) -> None:
         """Called by the job layer after an out-of-memory error."""
@@ -243,16 +242,16 @@ def create_engine(settings: Settings) -> LocalEngine:
     device = pick_device(settings.use_cpu, settings.device_id)
     dtype = pick_dtype(device, settings.precision, settings.no_half, cpu_has_native_bf16())
     dirs = checkpoint_dirs(settings)
+    root = models_dir(settings)
     manager = ModelManager(
         dirs, fallback_checkpoint(settings, dirs), settings.data_dir / "cache.json", device, dtype,
-        hashing=not settings.no_hashing,
+        hashing=not settings.no_hashing, vae_dirs=[settings.vae_dir or root / "VAE"],
+        vae_dtype=torch.float32 if settings.no_half_vae else None,
     )
-    root = models_dir(settings)
     libraries = Libraries(
         upscalers=UpscalerRegistry(upscaler_dirs(settings)),
         networks=NetworkLibrary([settings.lora_dir or root / "Lora", root / "LyCORIS"]),
         embeddings=EmbeddingDatabase([settings.embeddings_dir or settings.data_dir / "embeddings"]),
-        vaes=VaeLibrary([settings.vae_dir or root / "VAE"]),
     )
     engine = LocalEngine(manager, libraries)
     if not settings.skip_load_model_at_start:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 from fastapi.testclient import TestClient
@@ -35,6 +37,15 @@ def seed_colour(seed: int) -> tuple[int, int, int]:
     return (seed * 37 % 256, seed * 91 % 256, seed * 53 % 256)
 
 
+@dataclass(frozen=True)
+class FakeUpscaler:
+    name: str
+    model_name: str | None = None
+    model_path: str | None = None
+    model_url: str | None = None
+    scale: float = 4
+
+
 class FakeEngine:
     """Draws one solid colour per seed. `hold()` makes every step wait for `release`; `fail_with` raises at
     `fail_at_step`; `checkpoints_present=False` behaves as a server without any model."""
@@ -52,7 +63,28 @@ class FakeEngine:
         self.freed = 0
         self.loads: list[str] = []
         self.refreshes = 0
+        self.vaes: list[Path] = []
         self.generated: list[int] = []  # first seed of each generate call, in the order they ran
+
+    # Listings of the files besides checkpoints: this engine has none.
+    def upscaler_list(self) -> list[Any]:
+        return [FakeUpscaler(name) for name in ("None", "Lanczos", "Nearest")]
+
+    def realesrgan_models(self) -> list[Any]:
+        return []
+
+    def lora_list(self) -> list[dict[str, Any]]:
+        return []
+
+    def embedding_listing(self) -> dict[str, dict[str, Any]]:
+        return {"loaded": {}, "skipped": {}}
+
+    def vae_list(self) -> list[Any]:
+        return list(self.vaes)
+
+    def extras(self, image: Image.Image, params: Any) -> tuple[Image.Image, str]:
+        scale = params.upscaling_resize
+        return image.resize((int(image.width * scale), int(image.height * scale))), "<p></p>"
 
     def hold(self) -> FakeEngine:
         self.release.clear()

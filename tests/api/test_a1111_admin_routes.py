@@ -1,6 +1,7 @@
 """Options, listings, refresh/unload/reload, server control, extras/png-info/interrogate, probing."""
 
 import base64
+from pathlib import Path
 import io
 import json
 
@@ -104,11 +105,9 @@ def test_empty_listings(client, path, expected):
     assert client.get(f"/sdapi/v1/{path}").json() == expected
 
 
-def test_sd_vae_lists_files_in_the_vae_folder(make_client, tmp_path):
-    (tmp_path / "models" / "VAE").mkdir(parents=True)
-    (tmp_path / "models" / "VAE" / "kl.safetensors").write_bytes(b"")
-    client = make_client()
-    assert [v["model_name"] for v in client.get("/sdapi/v1/sd-vae").json()] == ["kl.safetensors"]
+def test_sd_vae_lists_the_engines_vae_files(client):
+    client.app.state.engine.vaes = [Path("/m/VAE/kl.safetensors")]
+    assert client.get("/sdapi/v1/sd-vae").json() == [{"model_name": "kl.safetensors", "filename": "/m/VAE/kl.safetensors"}]
 
 
 def test_prompt_styles_come_from_styles_csv(make_client, tmp_path):
@@ -160,10 +159,21 @@ def test_interrogate_has_no_model(client):
     assert r.status_code == 404 and r.json()["detail"] == "Model not found"
 
 
-def test_extras_answer_422_naming_the_feature(client):
-    for path, body in (("extra-single-image", {"image": ""}), ("extra-batch-images", {"imageList": []})):
-        r = client.post(f"/sdapi/v1/{path}", json=body)
-        assert r.status_code == 422 and "upscal" in r.json()["detail"]
+def test_extras_upscale_single_and_batch_images(client):
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 6)).save(buffer, format="PNG")
+    data = base64.b64encode(buffer.getvalue()).decode()
+    single = client.post("/sdapi/v1/extra-single-image", json={"image": f"data:image/png;base64,{data}"}).json()
+    assert Image.open(io.BytesIO(base64.b64decode(single["image"]))).size == (16, 12)
+    batch = client.post("/sdapi/v1/extra-batch-images", json={"imageList": [{"data": data, "name": "a"}] * 2}).json()
+    assert len(batch["images"]) == 2
+
+
+def test_extras_with_a_broken_image_is_a_422_naming_it(client):
+    r = client.post("/sdapi/v1/extra-single-image", json={"image": "not base64!"})
+    assert r.status_code == 422 and "image" in r.json()["detail"]
+    r = client.post("/sdapi/v1/extra-batch-images", json={"imageList": [{"data": "xx", "name": "a"}]})
+    assert r.status_code == 422 and "imageList[0]" in r.json()["detail"]
 
 
 def test_png_info_reads_the_parameters_chunk(client):

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from sdserver.engine.engine import Libraries, LocalEngine
-from sdserver.engine.vae import VaeLibrary
 from sdserver.networks import EmbeddingDatabase, NetworkLibrary
 from sdserver.engine.types import GenerationRequest, SamplingParams, SeedParams
 from sdserver.models.manager import ModelManager
@@ -17,10 +16,7 @@ from sdserver.upscalers.registry import UpscalerRegistry
 
 
 def empty_libraries(tmp_path: Path) -> Libraries:
-    return Libraries(
-        UpscalerRegistry({}), NetworkLibrary([tmp_path / "Lora"]), EmbeddingDatabase([tmp_path / "embeddings"]),
-        VaeLibrary([tmp_path / "VAE"]),
-    )
+    return Libraries(UpscalerRegistry({}), NetworkLibrary([tmp_path / "Lora"]), EmbeddingDatabase([tmp_path / "embeddings"]))
 
 
 def test_no_socket_is_opened_while_loading_and_generating(tiny_checkpoint: Path, tmp_path: Path, monkeypatch, control) -> None:  # type: ignore[no-untyped-def]

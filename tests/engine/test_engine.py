@@ -10,25 +10,24 @@ import torch
 
 from sdserver.engine.devices import pick_device, pick_dtype
 from sdserver.engine.engine import Libraries, LocalEngine, fallback_checkpoint, seamless
-from sdserver.engine.vae import VaeLibrary
 from sdserver.networks import EmbeddingDatabase, NetworkLibrary
 from sdserver.engine.types import GenerationRequest, HiresParams, SamplingParams, SeedParams
-from sdserver.errors import InvalidRequest, NoModelAvailable
+from sdserver.errors import InvalidRequest, ModelLoadError, NoModelAvailable
 from sdserver.models.manager import ModelManager
 from sdserver.settings import Settings
 from sdserver.upscalers.registry import UpscalerRegistry
 
 
 def empty_libraries(tmp_path: Path) -> Libraries:
-    return Libraries(
-        UpscalerRegistry({}), NetworkLibrary([tmp_path / "Lora"]), EmbeddingDatabase([tmp_path / "embeddings"]),
-        VaeLibrary([tmp_path / "VAE"]),
-    )
+    return Libraries(UpscalerRegistry({}), NetworkLibrary([tmp_path / "Lora"]), EmbeddingDatabase([tmp_path / "embeddings"]))
 
 
 @pytest.fixture
 def engine(tiny_checkpoint: Path, tmp_path: Path) -> LocalEngine:
-    manager = ModelManager([tiny_checkpoint.parent], None, tmp_path / "cache.json", torch.device("cpu"), torch.float32)
+    manager = ModelManager(
+        [tiny_checkpoint.parent], None, tmp_path / "cache.json", torch.device("cpu"), torch.float32,
+        vae_dirs=[tmp_path / "VAE"],
+    )
     return LocalEngine(manager, empty_libraries(tmp_path))
 
 
@@ -150,7 +149,6 @@ def test_a_vae_swap_changes_the_image_and_none_restores_the_builtin(engine: Loca
     other = {f"first_stage_model.{k}": v * 1.1 for k, v in model.vae.state_dict().items()}
     (tmp_path / "VAE").mkdir()
     save_file(other, str(tmp_path / "VAE" / "other.vae.safetensors"))
-    engine.refresh_vaes()
     assert [v.name for v in engine.vae_list()] == ["other.vae.safetensors"]
     builtin = np.asarray(engine.generate(REQUEST, control).images[0].image)
     swapped = engine.generate(replace(REQUEST, vae="other.vae.safetensors"), control)
@@ -158,6 +156,6 @@ def test_a_vae_swap_changes_the_image_and_none_restores_the_builtin(engine: Loca
     assert not np.array_equal(builtin, np.asarray(swapped.images[0].image))
     assert swapped.vae_name == "other.vae.safetensors" and len(swapped.vae_hash or "") == 10
     assert np.array_equal(builtin, restored)
-    with pytest.raises(InvalidRequest) as err:
+    with pytest.raises(ModelLoadError) as err:
         engine.generate(replace(REQUEST, vae="missing.pt"), control)
-    assert err.value.field == "sd_vae"
+    assert err.value.field == "sd_vae" and err.value.status_code == 422

@@ -8,6 +8,7 @@ handlers (FastAPI runs them in its thread pool) because they may read files or e
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import string
@@ -16,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from PIL import Image
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.background import BackgroundTask
@@ -23,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sdserver import __version__
 from sdserver.api.a1111 import listings, names, translate
-from sdserver.api.a1111.images import decode_image
+from sdserver.api.a1111.images import decode_image, encode_image
 from sdserver.api.a1111.infotext import png_info, version_string
 from sdserver.api.a1111.options import RESTRICTED_KEYS, coerce_option, split_model_keys
 from sdserver.api.a1111.progress import internal_progress_response, progress_response
@@ -46,7 +48,7 @@ from sdserver.api.a1111.schemas import (
 from sdserver.api.auth import TOKEN_COOKIE, Authenticator, credentials_match, parse_login_form
 from sdserver.api.errors import SettingsFrozen
 from sdserver.engine.types import Engine, GenerationRequest
-from sdserver.errors import ModelNotFound, UnsupportedFeature
+from sdserver.errors import ModelNotFound
 from sdserver.jobs import DuplicateJobId, JobInfo, JobKind, JobQueue, result_of
 from sdserver.settings import Settings
 
@@ -56,7 +58,6 @@ SDAPI = "/sdapi/v1"
 _TASK_ID_CHARS = string.ascii_uppercase + string.digits
 _TASK_ID_LENGTH = 7  # A1111's generated task ids: task(txt2img-XXXXXXX)
 _DISCONNECT_POLL_S = 0.5
-_VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 
 
 # ---- shared with the native job API ------------------------------------------------------------------------
@@ -228,13 +229,34 @@ async def img2img(request: Request, req: Img2ImgRequest) -> dict[str, Any]:
 # ---- extras, png-info, interrogate ---------------------------------------------------------------------------
 
 
+def _extras_params(req: ExtrasSingleImageRequest | ExtrasBatchImagesRequest) -> Any:
+    # Imported here: the pipeline pulls in torch, which creating the app must not.
+    from sdserver.pipeline.extras import ExtrasParams
+
+    names = {f.name for f in dataclasses.fields(ExtrasParams)}
+    return ExtrasParams(**{k: v for k, v in req.model_dump().items() if k in names and v is not None})
+
+
+def _extras_image(state: Any, data: str, field: str) -> Image.Image:
+    settings: Settings = state.settings
+    return decode_image(
+        data, field, max_pixels=settings.limits.max_image_pixels, allow_remote=settings.api_allow_remote_images
+    )
+
+
 def extras_single(state: Any, req: ExtrasSingleImageRequest) -> dict[str, Any]:
-    """Swapped for the real upscaling once it lands; until then a 422 naming the feature."""
-    raise UnsupportedFeature("extra-single-image (upscaling) is not available in this sdserver yet", field="upscaler_1")
+    image, html = state.engine.extras(_extras_image(state, req.image, "image"), _extras_params(req))
+    fmt = state.options.get("samples_format") or "png"
+    return {"html_info": html, "image": encode_image(image, fmt, image.info.get("parameters"))}
 
 
 def extras_batch(state: Any, req: ExtrasBatchImagesRequest) -> dict[str, Any]:
-    raise UnsupportedFeature("extra-batch-images (upscaling) is not available in this sdserver yet", field="upscaler_1")
+    params, fmt = _extras_params(req), state.options.get("samples_format") or "png"
+    images, html = [], ""
+    for i, item in enumerate(req.imageList):
+        image, html = state.engine.extras(_extras_image(state, item.data, f"imageList[{i}].data"), params)
+        images.append(encode_image(image, fmt, image.info.get("parameters")))
+    return {"html_info": html, "images": images}
 
 
 async def extra_single_image(request: Request, req: ExtrasSingleImageRequest) -> dict[str, Any]:
@@ -371,8 +393,16 @@ def get_schedulers() -> list[dict[str, Any]]:
     return names.schedulers_listing()
 
 
-def get_upscalers() -> list[dict[str, Any]]:
-    return listings.upscalers_listing()
+def get_upscalers(request: Request) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(u) for u in request.app.state.engine.upscaler_list()]
+
+
+def get_realesrgan_models(request: Request) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(m) for m in request.app.state.engine.realesrgan_models()]
+
+
+def get_loras(request: Request) -> list[dict[str, Any]]:
+    return request.app.state.engine.lora_list()
 
 
 def get_latent_upscale_modes() -> list[dict[str, Any]]:
@@ -383,22 +413,16 @@ def get_sd_models(request: Request) -> list[dict[str, Any]]:
     return listings.sd_models_listing(request.app.state.engine.checkpoints())
 
 
-def vae_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in _VAE_SUFFIXES)
-
-
 def get_sd_vae(request: Request) -> list[dict[str, Any]]:
-    return listings.sd_vae_listing(vae_files(request.app.state.settings.vae_folder))
+    return listings.sd_vae_listing(request.app.state.engine.vae_list())
 
 
 def get_prompt_styles(request: Request) -> list[dict[str, Any]]:
     return listings.prompt_styles_listing(request.app.state.styles)
 
 
-def get_embeddings() -> dict[str, Any]:
-    return listings.embeddings_listing()
+def get_embeddings(request: Request) -> dict[str, Any]:
+    return request.app.state.engine.embedding_listing()
 
 
 def get_scripts() -> dict[str, Any]:
@@ -410,7 +434,7 @@ def get_script_info() -> list[dict[str, Any]]:
 
 
 def empty_list() -> list[Any]:
-    """hypernetworks, face-restorers, realesrgan-models, loras, extensions: none yet."""
+    """hypernetworks, face-restorers, extensions: sdserver has none."""
     return []
 
 
@@ -548,7 +572,9 @@ def build_router(settings: Settings, authenticator: Authenticator) -> APIRouter:
     get(f"{SDAPI}/latent-upscale-modes", get_latent_upscale_modes, tags=tags)
     get(f"{SDAPI}/sd-models", get_sd_models, tags=tags)
     get(f"{SDAPI}/sd-vae", get_sd_vae, tags=tags)
-    for path in ("hypernetworks", "face-restorers", "realesrgan-models", "loras", "extensions"):
+    get(f"{SDAPI}/realesrgan-models", get_realesrgan_models, tags=tags)
+    get(f"{SDAPI}/loras", get_loras, tags=tags)
+    for path in ("hypernetworks", "face-restorers", "extensions"):
         get(f"{SDAPI}/{path}", empty_list, tags=tags, name=path)
     get(f"{SDAPI}/prompt-styles", get_prompt_styles, tags=tags)
     get(f"{SDAPI}/embeddings", get_embeddings, tags=tags)
