@@ -107,6 +107,7 @@ class GenerationRequest:
     inpainting_mask_weight: float = 1.0
     img2img_fix_steps: bool = False
     disable_extra_networks: bool = False
+    preview_method: str = "Approx cheap"  # or "Full": a VAE decode of the current latent
 
     @property
     def is_img2img(self) -> bool:

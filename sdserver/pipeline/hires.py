@@ -13,7 +13,7 @@ from sdserver.engine.types import GeneratedImage, GenerationRequest, HiresParams
 from sdserver.models.sd_model import SDModel
 from sdserver.pipeline.conditioning import TextEncoderCache
 from sdserver.pipeline.denoise import guided_denoiser, make_rng, run_sampler
-from sdserver.pipeline.images import approx_preview, pil_to_tensor, tensor_to_pil
+from sdserver.pipeline.images import pil_to_tensor, preview_function, tensor_to_pil
 from sdserver.pipeline.txt2img import (
     conditioning_options, decode, guidance_for, plan_batches, sample_batch, vector_conditioning,
 )
@@ -127,5 +127,5 @@ def second_pass(  # type: ignore[no-untyped-def]
     guidance = guidance_for(cache, prompts, negatives, steps2, params2.cfg_scale, params2.s_min_uncond)
     width, height = w * model.latent_scale, h * model.latent_scale
     cfg = guided_denoiser(model, params2.sampler, guidance, vector_conditioning(model, width, height))
-    result = run_sampler(params2, sampling_plan, x, rng, cfg, control, approx_preview)
+    result = run_sampler(params2, sampling_plan, x, rng, cfg, control, preview_function(model, request.preview_method))
     return result.latents, result.stopped

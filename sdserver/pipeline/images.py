@@ -30,3 +30,15 @@ def approx_preview(latent: torch.Tensor) -> Image.Image:
     weights = _APPROX_RGB if latent.shape[0] == 4 else torch.zeros(latent.shape[0], 3)
     rgb = torch.einsum("chw,cr->rhw", latent.float().cpu(), weights)
     return tensor_to_pil(rgb[None].clamp(-1, 1))[0]
+
+
+def preview_function(model, method: str):  # type: ignore[no-untyped-def]
+    """The live-preview decoder: "Full" runs the VAE, anything else the cheap fixed projection."""
+    if method != "Full":
+        return approx_preview
+
+    def full(latent: torch.Tensor) -> Image.Image:
+        with torch.no_grad():
+            return tensor_to_pil(model.decode_latent(latent[None]))[0]
+
+    return full

@@ -16,7 +16,7 @@ from sdserver.pipeline.cfg import CFGDenoiser
 from sdserver.pipeline.conditioning import TextEncoderCache
 from sdserver.pipeline.denoise import guided_denoiser, make_rng, run_sampler
 from sdserver.pipeline.image_ops import Img2ImgImages, UpscalerFn, finish_img2img_image, latent_mask, prepare_img2img_images
-from sdserver.pipeline.images import approx_preview, pil_to_tensor, tensor_to_pil
+from sdserver.pipeline.images import pil_to_tensor, preview_function, tensor_to_pil
 from sdserver.pipeline.txt2img import (
     conditioning_options, guidance_for, plan_batches, schedule_steps, vector_conditioning,
 )
@@ -152,7 +152,7 @@ def img2img(
         )
         cfg = guided_denoiser(model, params.sampler, guidance, vector_conditioning(model, request.width, request.height))
         denoiser = cfg if mask is None or model.is_inpainting else MaskedDenoiser(cfg, start, mask)
-        result = run_sampler(params, sampling_plan, x, rng, denoiser, control, approx_preview)
+        result = run_sampler(params, sampling_plan, x, rng, denoiser, control, preview_function(model, request.preview_method))
         latents = result.latents if mask is None else mask.blend(start, result.latents)
         with torch.no_grad():
             decoded = tensor_to_pil(model.decode_latent(latents))

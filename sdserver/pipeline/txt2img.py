@@ -11,7 +11,7 @@ from sdserver.models.sd_model import SDModel
 from sdserver.pipeline.cfg import Guidance
 from sdserver.pipeline.conditioning import ConditioningOptions, TextEncoderCache, condition_prompt
 from sdserver.pipeline.denoise import guided_denoiser, make_rng, run_sampler, txt2img_plan
-from sdserver.pipeline.images import approx_preview, tensor_to_pil
+from sdserver.pipeline.images import preview_function, tensor_to_pil
 from sdserver.sampling import run
 from sdserver.sampling.registry import SAMPLERS
 
@@ -88,7 +88,7 @@ def sample_batch(
     plan = txt2img_plan(model, params)
     x = run.initial_latent(rng.next(), plan, sgm_noise_multiplier=params.sgm_noise_multiplier)
     cfg = guided_denoiser(model, params.sampler, guidance, vector_conditioning(model, width, height))
-    result = run_sampler(params, plan, x, rng, cfg, control, approx_preview)
+    result = run_sampler(params, plan, x, rng, cfg, control, preview_function(model, request.preview_method))
     return result.latents, result.stopped
 
 

@@ -85,6 +85,9 @@ def test_previews_are_made_only_when_asked(model, control) -> None:  # type: ign
     txt2img(model, request(), control)
     assert len(control.previews) == 2
     assert control.previews[0].size == (64 // 8, 48 // 8)
+    control.previews.clear()
+    txt2img(model, request(preview_method="Full"), control)
+    assert control.previews[0].size == (64, 48)
 
 
 def test_variation_seed_keeps_the_main_seed_and_changes_the_image(model, control) -> None:  # type: ignore[no-untyped-def]

@@ -352,7 +352,10 @@ def _common(
     _check_common(req, limits)
     opts = effective_options(options, req.override_settings)
     prompt, negative = _prompts(req, opts, styles)
-    checkpoint, vae = _model_choice(req.override_settings)
+    checkpoint, _ = _model_choice(req.override_settings)
+    # The server-wide sd_vae option counts too, not just a per-request override.
+    vae = opts.get("sd_vae")
+    vae = None if vae in (None, "", "Automatic") else str(vae)
     width, height = _size(req, default_size)
     fields = dict(
         prompt=prompt,
@@ -369,6 +372,7 @@ def _common(
         vae=vae,
         emphasis=_emphasis(opts),
         disable_extra_networks=bool(req.disable_extra_networks),
+        preview_method="Full" if opts.get("show_progress_type") == "Full" else "Approx cheap",
     )
     return fields, opts
 
