@@ -287,3 +287,20 @@ def test_decompression_bombs_are_refused(make_client):
     init = b64_png(Image.new("RGB", (64, 64)))
     r = client.post("/sdapi/v1/img2img", json={"init_images": [init], "steps": 1})
     assert r.status_code == 422 and r.json()["field"] == "init_images[0]"
+
+
+def test_save_images_writes_a1111_folders_and_names(make_client, tmp_path):
+    from PIL import Image
+
+    client = make_client()
+    body = {"prompt": "a cat", "seed": 7, "batch_size": 2, "save_images": True, "steps": 2, "width": 64, "height": 64}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200
+    day_dirs = list((tmp_path / "outputs" / "txt2img-images").iterdir())
+    assert len(day_dirs) == 1
+    names = sorted(p.name for p in day_dirs[0].iterdir())
+    assert names == ["00000-7.png", "00001-8.png"]
+    assert Image.open(day_dirs[0] / "00000-7.png").info["parameters"].startswith("a cat\n")
+    assert [p.name for p in (tmp_path / "outputs" / "txt2img-grids").iterdir()] == ["grid-00000.png"]
+    client.post("/sdapi/v1/txt2img", json={**body, "batch_size": 1})
+    assert (day_dirs[0] / "00002-7.png").is_file()

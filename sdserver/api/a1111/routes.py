@@ -28,6 +28,7 @@ from sdserver.api.a1111 import listings, names, translate
 from sdserver.api.a1111.images import decode_image, encode_image
 from sdserver.api.a1111.infotext import png_info, version_string
 from sdserver.api.a1111.options import RESTRICTED_KEYS, coerce_option, split_model_keys
+from sdserver.api.a1111.saving import save_outputs
 from sdserver.api.a1111.progress import internal_progress_response, progress_response
 from sdserver.api.a1111.schemas import (
     ExtrasBatchImagesRequest,
@@ -69,6 +70,7 @@ class GenerationContext:
 
     request: GenerationRequestBase
     options: Mapping[str, Any]
+    data_dir: Path  # where `save_images` writes outputs/
 
 
 def translate_limits(settings: Settings) -> translate.Limits:
@@ -117,7 +119,7 @@ def prepare_generation(state: Any, req: GenerationRequestBase) -> tuple[Generati
     else:
         assert isinstance(req, Txt2ImgRequest)
         gen = translate.txt2img_request(req, options, **common)
-    return gen, GenerationContext(request=req, options=options)
+    return gen, GenerationContext(request=req, options=options, data_dir=settings.data_dir)
 
 
 def generation_work(gen: GenerationRequest, *, restore: bool, options: Any) -> Callable[[Engine, Any], Any]:
@@ -173,8 +175,15 @@ def build_generation_response(info: JobInfo) -> dict[str, Any]:
     result = result_of(info)
     ctx: GenerationContext = info.context
     assert info.request is not None
+    seeds = [image.seed for image in result.images]
+    kind = "img2img" if info.request.is_img2img else "txt2img"
+
+    def save(pictures: list[Any], infotexts: list[str], grid_first: bool, opts: Mapping[str, Any]) -> None:
+        save_outputs(pictures, infotexts, seeds, grid_first=grid_first, kind=kind, data_dir=ctx.data_dir, opts=opts)
+
     return translate.generation_response(
-        ctx.request, info.request, result, ctx.options, job_timestamp=info.timestamp, version=version_string(__version__)
+        ctx.request, info.request, result, ctx.options, job_timestamp=info.timestamp,
+        version=version_string(__version__), save=save,
     )
 
 

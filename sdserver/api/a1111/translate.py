@@ -554,8 +554,10 @@ def generation_response(
     *,
     job_timestamp: str,
     version: str,
+    save: Callable[[list[Any], list[str], bool, Mapping[str, Any]], Any] | None = None,
 ) -> dict[str, Any]:
-    """`{images, parameters, info}` as A1111 returns it; `info` is a JSON string with A1111's full key set."""
+    """`{images, parameters, info}` as A1111 returns it; `info` is a JSON string with A1111's full key set.
+    With `save_images`, `save(pictures, infotexts, grid_first, options)` writes them out."""
     opts = effective_options(options, req.override_settings)
     count = gen.image_count
     all_seeds, all_subseeds = planned_seeds(gen.seeds, count)
@@ -580,6 +582,8 @@ def generation_response(
         infotexts.insert(0, create_infotext(gen.prompt, gen.negative_prompt, first_params))
         index_of_first_image = 1
 
+    if req.save_images and save is not None:
+        save(pictures, infotexts, len(pictures) > len(result.images), opts)
     images: list[str] = []
     if req.send_images:
         fmt = str(opts.get("samples_format", "png"))
