@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sdserver.models.nn.config import UNetConfig
-from sdserver.models.nn.layers import attention, group_norm, timestep_embedding
+from sdserver.models.nn.layers import Upsample, attention, group_norm, timestep_embedding
 
 
 class ResBlock(nn.Module):
@@ -119,15 +119,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.ModuleList):

@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sdserver.models.nn.config import VAEConfig
-from sdserver.models.nn.layers import group_norm
+from sdserver.models.nn.layers import Upsample, group_norm
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -59,15 +59,6 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The original pads right/bottom only, then convolves without padding.
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class _Mid(nn.Module):
