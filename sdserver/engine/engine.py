@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -242,6 +243,8 @@ class LocalEngine:
 
 
 def create_engine(settings: Settings) -> LocalEngine:
+    # torchsde checks its Brownian-tree interval in float32 and warns about harmless boundary rounding.
+    warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
     device = pick_device(settings.use_cpu, settings.device_id)
     dtype = pick_dtype(device, settings.precision, settings.no_half, cpu_has_native_bf16())
     dirs = checkpoint_dirs(settings)
