@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from sdserver.engine.devices import cpu_has_native_bf16, pick_device, pick_dtype
-from sdserver.engine.types import CheckpointInfo, GenerationRequest, GenerationResult, JobControl
-from sdserver.errors import InvalidRequest, NoModelAvailable, UnsupportedFeature
+from sdserver.engine.types import CheckpointInfo, GeneratedImage, GenerationRequest, GenerationResult, JobControl
+from sdserver.errors import InvalidRequest, NoModelAvailable
 from sdserver.models.manager import ModelManager, free_memory, validate_file
 from sdserver.models.sd_model import SDModel
 from sdserver.networks import EmbeddingDatabase, NetworkLibrary, apply_networks
@@ -76,14 +76,6 @@ def seamless(model: SDModel, enabled: bool) -> Iterator[None]:
             conv.padding_mode = mode
 
 
-def unsupported_fields(request: GenerationRequest) -> list[str]:
-    """Fields whose feature has not landed: a request using them is refused, never silently ignored."""
-    fields = []
-    if request.hires is not None and request.hires.checkpoint not in (None, "", "Use same checkpoint"):
-        fields.append("hr_checkpoint_name")
-    return fields
-
-
 def network_calls(request: GenerationRequest) -> list[LoraCall]:
     """The `<lora:...>` tags of the prompt and negative prompt (A1111 reads only the prompt; Forge both)."""
     if request.disable_extra_networks:
@@ -135,11 +127,6 @@ class LocalEngine:
         return model, info
 
     def generate(self, request: GenerationRequest, control: JobControl) -> GenerationResult:
-        missing = unsupported_fields(request)
-        if missing:
-            raise UnsupportedFeature(
-                f"{missing[0]} is not supported by this server yet", field=missing[0]
-            )
         self._check_upscaler(request)
         calls = network_calls(request)
         model, info = self._model_for(request)
@@ -152,7 +139,7 @@ class LocalEngine:
                     model, request, control, cache, inpainting_mask_weight=request.inpainting_mask_weight
                 )
             elif request.hires is not None:
-                images, interrupted = txt2img_hires(model, request, control, self.pixel_upscale, cache)
+                images, interrupted = self._hires(model, info, request, control, cache)
             else:
                 images, interrupted = txt2img(model, request, control, cache)
         extra: dict[str, object] = {}
@@ -165,6 +152,22 @@ class LocalEngine:
             vae_name=vae.name if vae else None, vae_hash=vae.hash if vae else None,
             interrupted=interrupted, is_using_inpainting_conditioning=model.is_inpainting and request.is_img2img,
         )
+
+    def _hires(
+        self, model: SDModel, info: CheckpointInfo, request: GenerationRequest, control: JobControl,
+        cache: TextEncoderCache,
+    ) -> tuple[list[GeneratedImage], bool]:
+        """Hires fix; with hr_checkpoint_name the second pass runs on that model, then the first comes back."""
+        assert request.hires is not None
+        name = request.hires.checkpoint
+        if name in (None, "", "Use same checkpoint") or self.manager.resolve(name).filename == info.filename:
+            return txt2img_hires(model, request, control, self.pixel_upscale, cache)
+        second = self.manager.resolve(name)
+        try:
+            hires_model = self.manager.load(second)
+            return txt2img_hires(model, request, control, self.pixel_upscale, cache, hires_model)
+        finally:
+            self.manager.load(info)
 
     def _check_upscaler(self, request: GenerationRequest) -> None:
         """Refuse an unknown hires upscaler before the first pass runs, not after."""

@@ -15,7 +15,7 @@ from sdserver.pipeline.conditioning import TextEncoderCache
 from sdserver.pipeline.denoise import guided_denoiser, make_rng, run_sampler
 from sdserver.pipeline.images import pil_to_tensor, preview_function, tensor_to_pil
 from sdserver.pipeline.txt2img import (
-    conditioning_options, decode, guidance_for, plan_batches, sample_batch, vector_conditioning,
+    conditioning_options, decode, guidance_for, plan_batches, sample_batch, schedule_steps, vector_conditioning,
 )
 from sdserver.sampling import run
 from sdserver.sampling.discrete import DiscreteSchedule
@@ -64,15 +64,17 @@ def second_pass_sampling(params: SamplingParams, hires: HiresParams) -> Sampling
 
 @torch.no_grad()
 def upscale_first_pass(
-    model: SDModel, latents: torch.Tensor, target: HiresTarget, upscaler: str, pixel_upscale: PixelUpscale
+    first: SDModel, second: SDModel, latents: torch.Tensor, target: HiresTarget, upscaler: str,
+    pixel_upscale: PixelUpscale,
 ) -> torch.Tensor:
-    scale = model.latent_scale
+    """Latent modes interpolate the latent; pixel upscalers decode with the first model, encode with the second."""
+    scale = first.latent_scale
     if is_latent_mode(upscaler):
         out = upscale_latent(latents, target.width // scale, target.height // scale, upscaler)
     else:
-        images = tensor_to_pil(model.decode_latent(latents))
+        images = tensor_to_pil(first.decode_latent(latents))
         big = [pixel_upscale(img, target.width, target.height, upscaler) for img in images]
-        out = model.encode_image(pil_to_tensor(big).to(model.device))
+        out = second.encode_image(pil_to_tensor(big).to(second.device))
     if target.crop_x or target.crop_y:
         h, w = out.shape[-2:]
         out = out[..., target.crop_y : h - target.crop_y, target.crop_x : w - target.crop_x]
@@ -81,12 +83,16 @@ def upscale_first_pass(
 
 def txt2img_hires(
     model: SDModel, request: GenerationRequest, control: JobControl, pixel_upscale: PixelUpscale,
-    cache: TextEncoderCache | None = None,
+    cache: TextEncoderCache | None = None, hires_model: SDModel | None = None,
 ) -> tuple[list[GeneratedImage], bool]:
+    """`hires_model` runs the second pass (A1111's hr_checkpoint_name); None: the same model."""
     hires = request.hires
     assert hires is not None
     plan = plan_batches(request)
     cache = cache or TextEncoderCache(model, conditioning_options(request))
+    second = (model, cache) if hires_model is None else (
+        hires_model, TextEncoderCache(hires_model, conditioning_options(request), cache.embeddings, cache.token_embeds)
+    )
     target = hires_target(request.width, request.height, hires)
     params2 = second_pass_sampling(request.sampling, hires)
     first_steps = request.sampling.steps
@@ -98,8 +104,10 @@ def txt2img_hires(
         part = plan.batch(index)
         if stopped != "interrupted":
             control.begin_pass(index * 2 + 1, passes, params2.steps)
-            latents, stopped = second_pass(model, request, params2, hires, plan, index, cache, control, latents, target, pixel_upscale)
-        for k, picture in enumerate(decode(model, latents)):
+            latents, stopped = second_pass(
+                model, second, request, params2, hires, plan, index, control, latents, target, pixel_upscale
+            )
+        for k, picture in enumerate(decode(second[0] if stopped != "interrupted" else model, latents)):
             i = part.start + k
             images.append(GeneratedImage(picture, plan.seeds[i], plan.subseeds[i], plan.prompts[i], plan.negative_prompts[i]))
         if stopped == "interrupted":
@@ -108,10 +116,12 @@ def txt2img_hires(
 
 
 def second_pass(  # type: ignore[no-untyped-def]
-    model, request, params2, hires, plan, index, cache, control, latents, target, pixel_upscale
+    first_model, second, request, params2, hires, plan, index, control, latents, target, pixel_upscale
 ) -> tuple[torch.Tensor, str | None]:
+    """The hires pass of one batch: upscale, noise to the entry level, sample with exactly the hires steps."""
+    model, cache = second
     part = plan.batch(index)
-    init = upscale_first_pass(model, latents, target, hires.upscaler, pixel_upscale)
+    init = upscale_first_pass(first_model, model, latents, target, hires.upscaler, pixel_upscale)
     h, w = init.shape[-2:]
     rng = make_rng(request.seeds, list(plan.seeds[part]), list(plan.subseeds[part]), (init.shape[1], h, w), model.device)
     sampling_plan = run.plan_img2img(
@@ -124,7 +134,10 @@ def second_pass(  # type: ignore[no-untyped-def]
     prompts = (hires.prompt,) * len(plan.prompts[part]) if hires.prompt else plan.prompts[part]
     negatives = (hires.negative_prompt,) * len(prompts) if hires.negative_prompt else plan.negative_prompts[part]
     steps2 = params2.steps * (2 if SAMPLERS[params2.sampler].second_order else 1)
-    guidance = guidance_for(cache, prompts, negatives, steps2, params2.cfg_scale, params2.s_min_uncond)
+    # A1111's prompt-editing timeline spans both passes: integer steps past the first pass land in this one.
+    guidance = guidance_for(
+        cache, prompts, negatives, schedule_steps(request), params2.cfg_scale, params2.s_min_uncond, hires_steps=steps2
+    )
     width, height = w * model.latent_scale, h * model.latent_scale
     cfg = guided_denoiser(model, params2.sampler, guidance, vector_conditioning(model, width, height))
     result = run_sampler(params2, sampling_plan, x, rng, cfg, control, preview_function(model, request.preview_method))

@@ -159,3 +159,23 @@ def test_a_vae_swap_changes_the_image_and_none_restores_the_builtin(engine: Loca
     with pytest.raises(ModelLoadError) as err:
         engine.generate(replace(REQUEST, vae="missing.pt"), control)
     assert err.value.field == "sd_vae" and err.value.status_code == 422
+
+
+def test_hires_checkpoint_runs_the_second_pass_then_restores_the_first(tiny_checkpoint: Path, tmp_path: Path, control) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    tensors = load_file(str(tiny_checkpoint))
+    save_file(tensors, str(folder / "tiny.safetensors"))
+    save_file({k: v * 1.5 if k.startswith("model.diffusion_model.out.") else v for k, v in tensors.items()},
+              str(folder / "other.safetensors"))
+    manager = ModelManager([folder], folder / "tiny.safetensors", tmp_path / "cache.json", torch.device("cpu"), torch.float32)
+    engine = LocalEngine(manager, empty_libraries(tmp_path))
+    hires = HiresParams(scale=1.5, upscaler="Latent", second_pass_steps=2, denoising_strength=0.6)
+    same = engine.generate(replace(REQUEST, hires=hires), control)
+    swapped = engine.generate(replace(REQUEST, hires=replace(hires, checkpoint="other.safetensors")), control)
+    assert swapped.images[0].image.size == (96, 96)
+    assert not np.array_equal(np.asarray(same.images[0].image), np.asarray(swapped.images[0].image))
+    assert engine.current_checkpoint().name == "tiny.safetensors"  # type: ignore[union-attr]
