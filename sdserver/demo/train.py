@@ -56,10 +56,10 @@ class TrainConfig:
     # to zero and the decoder can't tell red from blue.
     vae: VAEConfig = VAEConfig(base_channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=4)
     text: TextEncoderConfig = TextEncoderConfig(width=128, layers=3, heads=4, intermediate=512)
-    vae_phase: Phase = Phase(steps=1200, batch=16, lr=1e-3)
+    vae_phase: Phase = Phase(steps=3000, batch=16, lr=1e-3)
     latent_images_64: int = 30_000
     latent_images_128: int = 10_000
-    unet_phase_64: Phase = Phase(steps=2000, batch=32, lr=5e-4)
+    unet_phase_64: Phase = Phase(steps=1500, batch=32, lr=5e-4)
     unet_phase_128: Phase = Phase(steps=600, batch=32, lr=2e-4)
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
@@ -135,7 +135,21 @@ def train_vae(cfg: TrainConfig, rng: np.random.Generator) -> AutoencoderKL:
         opt.step()
         sched.step()
         bar.update(step + 1, loss=loss.item())
+        if (step + 1) % 500 == 0:
+            print(f"\nvae step {step + 1}: colour read right on {vae_colour_accuracy(vae, 128):.0%} of round trips", file=sys.stderr)
     return vae.eval()
+
+
+@torch.no_grad()
+def vae_colour_accuracy(vae: AutoencoderKL, size: int, n: int = 48) -> float:
+    """How often the demo classifier reads the right shape colour off a VAE round trip: the cap on what the
+    diffusion model can be scored at, so it is worth watching while the VAE trains."""
+    from sdserver.demo.classifier import classify
+
+    images, _, scenes = dataset.sample_batch(n, size, np.random.default_rng(12345))
+    decoded = vae.decode(vae.encode(to_tensor(images)))
+    pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    return sum(classify(p).colour == s.colour for p, s in zip(pixels, scenes)) / n
 
 
 @torch.no_grad()
