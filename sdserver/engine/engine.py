@@ -86,11 +86,6 @@ def network_calls(request: GenerationRequest) -> list[LoraCall]:
     return calls
 
 
-def infotext_hashes(hashes: dict[str, str]) -> str:
-    """A1111's "name: hash, name2: hash2" with ':' and ',' removed from names."""
-    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in hashes.items())
-
-
 @dataclass
 class Libraries:
     """Files besides checkpoints that requests draw on: upscaler models, LoRAs, embeddings."""
@@ -142,13 +137,10 @@ class LocalEngine:
                 images, interrupted = self._hires(model, info, request, control, cache)
             else:
                 images, interrupted = txt2img(model, request, control, cache)
-        extra: dict[str, object] = {}
-        if applied.hashes:
-            extra["Lora hashes"] = infotext_hashes(applied.hashes)
-        if cache.used_embeddings:
-            extra["TI hashes"] = infotext_hashes({n: embeddings.hash(n) for n in cache.used_embeddings})
         return GenerationResult(
-            images=tuple(images), model_name=Path(info.filename).stem, model_hash=info.hash, extra_params=extra,
+            images=tuple(images), model_name=Path(info.filename).stem, model_hash=info.hash,
+            network_hashes=tuple(applied.hashes.items()),
+            embedding_hashes=tuple((n, embeddings.hash(n)) for n in cache.used_embeddings),
             vae_name=vae.name if vae else None, vae_hash=vae.hash if vae else None,
             interrupted=interrupted, is_using_inpainting_conditioning=model.is_inpainting and request.is_img2img,
         )
@@ -160,7 +152,7 @@ class LocalEngine:
         """Hires fix; with hr_checkpoint_name the second pass runs on that model, then the first comes back."""
         assert request.hires is not None
         name = request.hires.checkpoint
-        if name in (None, "", "Use same checkpoint") or self.manager.resolve(name).filename == info.filename:
+        if name is None or self.manager.resolve(name).filename == info.filename:
             return txt2img_hires(model, request, control, self.pixel_upscale, cache)
         second = self.manager.resolve(name)
         try:

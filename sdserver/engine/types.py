@@ -134,7 +134,10 @@ class GenerationResult:
     model_hash: str | None
     vae_name: str | None = None
     vae_hash: str | None = None
-    # Facts the edge may put into its infotext (e.g. "Lora hashes"), in insertion order.
+    # (name as written in the prompt, short hash) of the LoRA-family networks and embeddings used, in order.
+    network_hashes: tuple[tuple[str, str], ...] = ()
+    embedding_hashes: tuple[tuple[str, str], ...] = ()
+    # Further facts the edge may put into its infotext, in insertion order.
     extra_params: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
     is_using_inpainting_conditioning: bool = False

@@ -80,6 +80,13 @@ def order_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return ordered
 
 
+def _hashes(pairs: tuple[tuple[str, str], ...]) -> str | None:
+    """A1111's "name: hash, name2: hash2", with ':' and ',' taken out of names so the line still parses."""
+    if not pairs:
+        return None
+    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {short}" for name, short in pairs)
+
+
 def create_infotext(prompt: str, negative_prompt: str, params: Mapping[str, Any]) -> str:
     """The full infotext: prompt, optional negative prompt line, and the ordered parameter line."""
     negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
@@ -231,6 +238,8 @@ def generation_params(
         "Tiling": "True" if gen.tiling else None,
     }
     params.update(_hires_params(gen))
+    params["Lora hashes"] = _hashes(result.network_hashes)
+    params["TI hashes"] = _hashes(result.embedding_hashes)
     params.update(result.extra_params)
     if gen.emphasis != "Original" and _has_emphasis(gen.prompt + gen.negative_prompt):
         params["Emphasis"] = gen.emphasis

@@ -250,3 +250,10 @@ def test_eta_option_reaches_the_infotext_and_ensd():
     assert params["Eta"] == 0.0 and params["ENSD"] is None  # A1111: eta 0 means ENSD has no effect
     ddim = GenerationRequest(sampling=SamplingParams(sampler="ddim", eta_ddim=0.1), seeds=SeedParams(seed=1))
     assert generation_params(ddim, _result(), default_options(), seed=1, subseed=0, version="x")["Eta DDIM"] == 0.1
+
+
+def test_lora_and_ti_hashes_are_written_as_a1111_does() -> None:
+    from sdserver.api.a1111.infotext import _hashes
+
+    assert _hashes((("cat:style,v2", "0123456789ab"), ("b", "ffffffffffff"))) == "catstylev2: 0123456789ab, b: ffffffffffff"
+    assert _hashes(()) is None
