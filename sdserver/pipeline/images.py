@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import numpy as np
 import torch
 from PIL import Image
@@ -21,10 +23,10 @@ def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 # Fixed least-squares maps from each family's latents to RGB, for previews without decoding ("Approx cheap").
 # SD 1.x and 2.x share a VAE; SDXL's has its own latent space.
-_APPROX_RGB = {
+_APPROX_RGB = MappingProxyType({
     "sd1": ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473)),
     "sdxl": ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188)),
-}
+})
 
 
 def approx_preview(latent: torch.Tensor, family: str = "sd1") -> Image.Image:
