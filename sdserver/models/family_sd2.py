@@ -9,11 +9,10 @@ from typing import ClassVar
 
 import torch
 
-from sdserver.models import config_metadata as cm
 from sdserver.models import shapes as derive
 from sdserver.models.family_base import UNET, VAE, Family, ModelSpec, text_encoder_component
+from sdserver.models.family_sd1 import single_encoder_spec
 from sdserver.models.openclip import openclip_shapes_to_hf, openclip_to_hf
-from sdserver.models.prediction import ZTSNR_MARKER, declared_prediction
 
 TEXT = text_encoder_component(0)
 _UNET_MARKER = "model.diffusion_model.input_blocks.0.0.weight"
@@ -56,24 +55,13 @@ class SD2Family(Family):
 
     def spec(self, shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> ModelSpec:
         parts = self.split(shapes)
-        doc = cm.parse_config_metadata(dict(metadata))
         unet = derive.unet_config(parts[UNET], num_heads=-1, num_head_channels=HEAD_CHANNELS)
         vae = derive.vae_config(parts[VAE])
         text = derive.clip_config(
             self.convert_shapes(TEXT, dict(parts[TEXT])), activation="gelu", pad_token=OPENCLIP_PAD
         )
-        prediction, source = declared_prediction(shapes, metadata) or ("eps", "default")
-        return ModelSpec(
-            family=self.name,
-            unet=cm.apply_overrides(unet, doc.get("unet"), "unet"),
-            vae=cm.apply_overrides(vae, doc.get("vae"), "vae"),
-            text_encoders=(cm.apply_overrides(text, doc.get("text_encoder"), "text_encoder"),),
-            prediction_type=prediction,
-            prediction_source=source,
-            zero_terminal_snr=ZTSNR_MARKER in shapes,
-            default_size=cm.default_size_of(doc, self.native_size(prediction)),
-            fixed_text_layer=2,  # SD 2.x was trained on OpenCLIP's penultimate layer
-        )
+        # SD 2.x was trained on OpenCLIP's penultimate layer.
+        return single_encoder_spec(self, shapes, metadata, unet, vae, text, fixed_text_layer=2)
 
     def native_size(self, prediction_type: str) -> tuple[int, int]:
         # The released v-models are the 768 ones, the eps ones 512 (base) — the shapes can't tell them apart.

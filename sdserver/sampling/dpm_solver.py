@@ -13,7 +13,6 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from sdserver.sampling.noise import NoiseSampler
 from sdserver.sampling.samplers_k import Callback, ExtraArgs, OptionalNoise, get_ancestral_step
 
 Model = Callable[..., Tensor]

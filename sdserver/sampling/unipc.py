@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from sdserver.sampling.discrete import DiscreteSchedule
-from sdserver.sampling.noise import NoiseSampler
 from sdserver.sampling.samplers_k import Callback, ExtraArgs, OptionalNoise
 
 Model = Callable[..., Tensor]

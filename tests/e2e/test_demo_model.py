@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np

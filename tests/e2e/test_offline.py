@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import pytest
 import torch
 
 from sdserver.engine.engine import Libraries, LocalEngine

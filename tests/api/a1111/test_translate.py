@@ -1,5 +1,4 @@
 import pytest
-from PIL import Image
 
 from sdserver.api.a1111.options import default_options
 from sdserver.api.a1111.schemas import Img2ImgRequest, Txt2ImgRequest
