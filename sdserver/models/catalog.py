@@ -3,17 +3,21 @@
 A1111's rules: `name` is the path relative to the checkpoint folder it was found in (just the file name for a
 file given directly), `model_name` is `name` without extension with "/" and "\\" made "_", and `title` is
 "name [first 10 hex of sha256]", or just `name` while unhashed. A checkpoint is found by any of its aliases.
+A diffusers-format folder is listed as one checkpoint named after the folder (A1111 has no such thing; its
+sha256 is that of its weight files' sha256 values, joined in component order).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from sdserver.engine.types import CheckpointInfo
-from sdserver.errors import ModelNotFound
+from sdserver.errors import ModelLoadError, ModelNotFound
+from sdserver.models.diffusers_format import is_diffusers_folder, weight_files
 from sdserver.models.files import CHECKPOINT_SUFFIXES
 from sdserver.models.hashing import HashCache, cached_sha256, legacy_hash
 
@@ -27,14 +31,22 @@ def cache_key(info: CheckpointInfo) -> str:
 
 
 def find_checkpoint_files(folder: Path) -> list[Path]:
-    """Checkpoint files under `folder`, recursively, in a stable order."""
+    """Checkpoint files and diffusers folders under `folder`, recursively, in a stable order. The files inside
+    a diffusers folder are its components, not checkpoints."""
     if not folder.is_dir():
         return []
-    found = [
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in CHECKPOINT_SUFFIXES and not p.name.lower().endswith(_VAE_ENDINGS) and p.is_file()
-    ]
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here = Path(dirpath)
+        for name in list(dirnames):
+            if is_diffusers_folder(here / name):
+                found.append(here / name)
+                dirnames.remove(name)
+        found += [
+            here / name
+            for name in filenames
+            if Path(name).suffix.lower() in CHECKPOINT_SUFFIXES and not name.lower().endswith(_VAE_ENDINGS)
+        ]
     return sorted(found, key=lambda p: str(p.relative_to(folder)).lower())
 
 
@@ -63,8 +75,27 @@ def with_sha256(info: CheckpointInfo, sha256: str) -> CheckpointInfo:
 
 def hash_info(info: CheckpointInfo, cache: HashCache | None, *, compute: bool = True) -> CheckpointInfo:
     """`info` with its sha256 from the cache, or computed when `compute` is set."""
-    sha = cached_sha256(Path(info.filename), cache_key(info), cache, compute=compute)
+    path = Path(info.filename)
+    if path.is_dir():
+        sha = _folder_sha256(path, cache_key(info), cache, compute=compute)
+    else:
+        sha = cached_sha256(path, cache_key(info), cache, compute=compute)
     return with_sha256(info, sha) if sha else info
+
+
+def _folder_sha256(folder: Path, key: str, cache: HashCache | None, *, compute: bool) -> str | None:
+    """A diffusers folder's identity: the sha256 of its weight files' sha256 values, each cached as a file."""
+    try:
+        files = weight_files(folder)
+    except ModelLoadError:
+        return None  # listed unhashed; loading it reports what is missing
+    parts = []
+    for component, path in files.items():
+        sha = cached_sha256(path, f"{key}/{component}", cache, compute=compute)
+        if sha is None:
+            return None
+        parts.append(sha)
+    return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
 def scan(
@@ -79,7 +110,7 @@ def scan(
     seen: set[str] = set()
     infos: list[CheckpointInfo] = []
     candidates: list[tuple[Path, Path | None]] = []
-    if extra_checkpoint is not None and Path(extra_checkpoint).is_file():
+    if extra_checkpoint is not None and (Path(extra_checkpoint).is_file() or is_diffusers_folder(extra_checkpoint)):
         extra = Path(extra_checkpoint)
         root = next((Path(f) for f in folders if _is_under(extra, Path(f))), None)
         candidates.append((extra, root))

@@ -1,7 +1,8 @@
 """Reading checkpoint files: tensor shapes, metadata and state dicts of `.safetensors` and `.ckpt` files.
 
 Shapes come without reading tensor data (the safetensors JSON header; a `.ckpt` mapped onto the meta device),
-so family detection is cheap even for multi-GB files.
+so family detection is cheap even for multi-GB files. A diffusers-format folder reads as one checkpoint in the
+original layout (see `diffusers_format`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdserver.errors import ModelLoadError, UnsafeCheckpoint
-from sdserver.models import unpickler
+from sdserver.models import diffusers_format, unpickler
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 # A real header is a few hundred KB; refuse absurd lengths before allocating them.
@@ -82,6 +83,8 @@ def _tensors_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """{tensor name: shape} without reading tensor data."""
     path = Path(path)
+    if path.is_dir():
+        return diffusers_format.original_shapes(path, read_shapes)
     if is_safetensors(path):
         header = _read_safetensors_header(path)
         shapes: dict[str, tuple[int, ...]] = {}
@@ -100,6 +103,8 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def read_metadata(path: Path) -> dict[str, str]:
     """A safetensors file's `__metadata__` (string → string); `.ckpt` files have none."""
     path = Path(path)
+    if path.is_dir():
+        return diffusers_format.folder_metadata(path)
     if not is_safetensors(path):
         return {}
     meta = _read_safetensors_header(path).get("__metadata__") or {}
@@ -111,6 +116,8 @@ def read_metadata(path: Path) -> dict[str, str]:
 def load_state_dict(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, in its stored dtype, on `device`."""
     path = Path(path)
+    if path.is_dir():
+        return diffusers_format.original_state_dict(path, lambda p: load_state_dict(p, device))
     if is_safetensors(path):
         try:
             return load_file(str(path), device=str(device))
