@@ -12,11 +12,11 @@ from sdserver.errors import ModelLoadError
 from sdserver.models.family_base import Family, FamilyMatch, ModelSpec
 from sdserver.models.family_sd1 import SD1Family
 from sdserver.models.family_sd2 import SD2Family
-from sdserver.models.family_sdxl import SDXLFamily
+from sdserver.models.family_sdxl import SDXLFamily, SDXLRefinerFamily
 
-# Markers are disjoint today (CLIP-L vs OpenCLIP text keys, label_emb), so the order only matters for families
-# added later that extend one of these layouts.
-REGISTRY: tuple[Family, ...] = (SDXLFamily(), SD2Family(), SD1Family())
+# Markers are disjoint today (CLIP-L vs OpenCLIP text keys, label_emb; the refiner's bigG is embedder 0 and it
+# has no CLIP-L), so the order only matters for families added later that extend one of these layouts.
+REGISTRY: tuple[Family, ...] = (SDXLFamily(), SDXLRefinerFamily(), SD2Family(), SD1Family())
 
 __all__ = ["REGISTRY", "Family", "FamilyMatch", "ModelSpec", "detect", "family_named"]
 
@@ -51,8 +51,8 @@ def describe_unknown(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
     if conv_in is not None and len(conv_in) == 4 and conv_in[1] not in (4, 9):
         return f"its UNet takes {conv_in[1]} input channels (only 4, or 9 for inpainting, are supported)"
-    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
-        return "it looks like an SDXL refiner, which is not supported"
+    if conv_in is None and any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        return "it looks like an SDXL refiner's text encoder without its UNet"
     if conv_in is not None:
         return "it has a UNet but no known text encoder"
     return None

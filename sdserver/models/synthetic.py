@@ -70,9 +70,10 @@ def tiny_sd2_configs() -> SD1Configs:
 SDXLConfigs = tuple[UNetConfig, VAEConfig, TextEncoderConfig, TextEncoderConfig]
 
 
-def sdxl_configs() -> SDXLConfigs:
-    """The released SDXL base sizes."""
+def sdxl_configs(*, inpainting: bool = False) -> SDXLConfigs:
+    """The released SDXL base sizes (`inpainting`: the 9-channel SDXL inpainting UNet)."""
     unet = UNetConfig(
+        in_channels=9 if inpainting else 4,
         channel_mult=(1, 2, 4),
         transformer_depth=(0, 2, 10),
         transformer_depth_middle=10,
@@ -88,15 +89,48 @@ def sdxl_configs() -> SDXLConfigs:
     return unet, vae, TextEncoderConfig(), big_g
 
 
-def tiny_sdxl_configs() -> SDXLConfigs:
+def tiny_sdxl_configs(*, inpainting: bool = False) -> SDXLConfigs:
     clip_l = TextEncoderConfig(width=32, layers=2, heads=1, intermediate=64)
     big_g = TextEncoderConfig(width=64, layers=2, heads=1, intermediate=128, activation="gelu", projection_dim=64,
                               pad_token=0)
-    unet = UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 2),
+    unet = UNetConfig(in_channels=9 if inpainting else 4, model_channels=64, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 2),
                       num_heads=-1, num_head_channels=64, context_dim=clip_l.width + big_g.width,
                       use_linear_in_transformer=True, adm_in_channels=big_g.projection_dim + 6 * 256)
     vae = VAEConfig(base_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=1, scaling_factor=0.13025)
     return unet, vae, clip_l, big_g
+
+
+RefinerConfigs = tuple[UNetConfig, VAEConfig, TextEncoderConfig]
+# The refiner's vector: pooled bigG, then original size (2), crop (2) and aesthetic score (1), 256 each.
+_REFINER_ADM_NUMBERS = 5
+
+
+def sdxl_refiner_configs() -> RefinerConfigs:
+    """The released SDXL refiner sizes (sd_xl_refiner.yaml): attention at levels 1 and 2 and in the middle,
+    depth 4, bigG's 1280-wide penultimate layer as context."""
+    unet = UNetConfig(
+        model_channels=384,
+        channel_mult=(1, 2, 4, 4),
+        transformer_depth=(0, 4, 4, 0),
+        transformer_depth_middle=4,
+        num_heads=-1,
+        num_head_channels=64,
+        context_dim=1280,
+        use_linear_in_transformer=True,
+        adm_in_channels=1280 + _REFINER_ADM_NUMBERS * 256,
+    )
+    big_g = sdxl_configs()[3]
+    return unet, VAEConfig(scaling_factor=0.13025), big_g
+
+
+def tiny_sdxl_refiner_configs() -> RefinerConfigs:
+    """A tiny refiner whose bigG matches tiny_sdxl_configs()'s, so base and refiner share one tokenizer."""
+    big_g = tiny_sdxl_configs()[3]
+    unet = UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1),
+                      transformer_depth_middle=1, num_heads=-1, num_head_channels=64, context_dim=big_g.width,
+                      use_linear_in_transformer=True,
+                      adm_in_channels=big_g.projection_dim + _REFINER_ADM_NUMBERS * 256)
+    return unet, tiny_sdxl_configs()[1], big_g
 
 
 def _prefixed(entries: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -127,6 +161,8 @@ def _layout(family: str, configs: tuple, text_model_prefix: bool) -> dict[str, t
         clip_l = "conditioner.embedders.0.transformer." + ("text_model." if text_model_prefix else "")
         state.update(_prefixed(CLIPTextModel(texts[0]).state_dict(), clip_l))
         state.update(_prefixed(_openclip_layout(CLIPTextModel(texts[1])), "conditioner.embedders.1.model."))
+    elif family == "sdxl_refiner":
+        state.update(_prefixed(_openclip_layout(CLIPTextModel(texts[0])), "conditioner.embedders.0.model."))
     else:
         raise ValueError(f"unknown family '{family}'")
     return state
@@ -140,7 +176,8 @@ def random_state_dict(
     dtype: torch.dtype = torch.float32,
     text_model_prefix: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """A random checkpoint of `family` ("sd1", "sd2", "sdxl") in the original single-file layout."""
+    """A random checkpoint of `family` ("sd1", "sd2", "sdxl", "sdxl_refiner") in the original single-file
+    layout."""
     # A private RNG stream: building fixtures must not shift the global seed other code relies on.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
