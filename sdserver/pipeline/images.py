@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from types import MappingProxyType
 
 import numpy as np
 import torch
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -43,7 +46,27 @@ def preview_function(model, method: str):  # type: ignore[no-untyped-def]
         return lambda latent: approx_preview(latent, model.family)
 
     def full(latent: torch.Tensor) -> Image.Image:
-        with torch.no_grad():
-            return tensor_to_pil(model.decode_latent(latent[None]))[0]
+        return tensor_to_pil(decode_latents(model, latent[None]))[0]
 
     return full
+
+
+def decode_latents(model, latents: torch.Tensor, *, auto_precision: bool = True) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Images in about [-1, 1] from scaled latents, as `model.decode_latent`; a half-precision VAE whose decode
+    overflows into NaN/inf is converted to float32 (and stays so, as A1111's `auto_vae_precision` does) and the
+    decode redone. fp16 SD 1.x and SDXL VAEs overflow on some latents; fp32 is the fix A1111 applies."""
+    with torch.no_grad():
+        decoded = model.decode_latent(latents)
+        if bool(torch.isfinite(decoded).all()):
+            return decoded
+        vae_dtype = next(model.vae.parameters()).dtype
+        if not auto_precision or vae_dtype == torch.float32:
+            log.warning("VAE decode in %s produced NaN/inf values; the image will have black pixels", vae_dtype)
+            return decoded
+        log.warning(
+            "VAE decode in %s produced NaN/inf values; converting the VAE to float32 and decoding again "
+            "(auto_vae_precision; --no-half-vae avoids this)",
+            vae_dtype,
+        )
+        model.vae.to(torch.float32)
+        return model.decode_latent(latents)
