@@ -8,6 +8,8 @@ stays current until the new one is fully built, so a failed load changes nothing
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import gc
 import threading
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from sdserver.engine.types import CheckpointInfo
-from sdserver.errors import ModelLoadError, NoModelAvailable
+from sdserver.errors import InvalidRequest, ModelLoadError, NoModelAvailable
 from sdserver.models import catalog
 from sdserver.models.hashing import HashCache, cached_sha256
 from sdserver.models.loader import free_memory, load_checkpoint, validate_file
@@ -28,7 +30,27 @@ from sdserver.models.tokenizer import CLIPTokenizer
 from sdserver.models.vae_files import AUTOMATIC, NONE, VaeInfo, find_vae_files, load_vae, resolve_vae
 
 # Re-exported: callers load single files and free memory through the manager's module too.
-__all__ = ["ModelManager", "free_memory", "load_checkpoint", "validate_file"]
+__all__ = ["ModelManager", "free_memory", "load_checkpoint", "release_memory", "validate_file"]
+
+
+def _trim_malloc() -> None:
+    """Give freed heap pages back to the OS. glibc keeps large freed arenas mapped, so without this a process
+    that dropped a multi-GB model still shows it resident; other C libraries have no such call and are skipped."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+
+
+def release_memory() -> None:
+    """After models are dropped: collect garbage, empty the accelerator cache and return heap pages to the OS."""
+    free_memory()
+    _trim_malloc()
 
 
 @dataclass(frozen=True)
@@ -172,11 +194,28 @@ class ModelManager:
             self._loaded[filename] = entry
             self._loaded.move_to_end(filename)
             self._current = filename
-            evicted = len(self._loaded) > self.limit
-            while len(self._loaded) > self.limit:
-                self._loaded.popitem(last=False)
+            evicted = self._evict_beyond_limit()
         if evicted:
-            free_memory()
+            release_memory()
+
+    def _evict_beyond_limit(self) -> bool:
+        """Drop the least recently used models beyond `limit` (the current one is the most recent); under the lock."""
+        evicted = False
+        while len(self._loaded) > self.limit:
+            self._loaded.popitem(last=False)
+            evicted = True
+        return evicted
+
+    def set_limit(self, limit: int) -> None:
+        """How many models stay loaded (A1111's `sd_checkpoints_limit`); lowering it evicts at once."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidRequest(f"sd_checkpoints_limit must be an integer of at least 1, got {limit!r}",
+                                 field="sd_checkpoints_limit")
+        with self._lock:
+            self.limit = limit
+            evicted = self._evict_beyond_limit()
+        if evicted:
+            release_memory()
 
     def _read(self, info: CheckpointInfo) -> SDModel:
         path = Path(info.filename)
@@ -222,7 +261,7 @@ class ModelManager:
                 self._last = self._loaded[self._current].info
             self._loaded.clear()
             self._current = None
-        free_memory()
+        release_memory()
 
     def reload(self) -> SDModel | None:
         """Re-read the current (or last unloaded) checkpoint from disk; None when there was none."""

@@ -13,7 +13,8 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Mapping
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 from sdserver.errors import InvalidRequest
 
@@ -26,6 +27,10 @@ SERVER_OWNED_KEYS = frozenset({"sd_checkpoint_hash"})
 DEFAULT_READ_ONLY = RESTRICTED_KEYS | SERVER_OWNED_KEYS
 # Changing these loads weights: the route turns them into a job instead of storing them directly.
 MODEL_KEYS = frozenset({"sd_model_checkpoint"})
+
+# Options the engine acts on the moment they change: option → the engine method given the new value. Engines
+# without the method ignore the option.
+ENGINE_HOOKS: Mapping[str, str] = MappingProxyType({"sd_checkpoints_limit": "set_checkpoints_limit"})
 
 SAMPLES_FORMATS = ("png", "jpg", "jpeg", "webp")
 RANDN_SOURCES = ("GPU", "CPU", "NV")
@@ -295,6 +300,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Inclusive lower bounds of numeric options that make no sense below them (A1111's slider minimums).
+_MINIMUMS: dict[str, int | float] = {"sd_checkpoints_limit": 1}
+
+
 def _coerce_bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -328,7 +337,11 @@ def coerce_option(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         return _coerce_bool(key, value)
     if isinstance(default, (int, float)):
-        return _coerce_number(key, value, type(default))
+        number = _coerce_number(key, value, type(default))
+        minimum = _MINIMUMS.get(key)
+        if minimum is not None and number < minimum:
+            raise InvalidRequest(f"Option {key!r} must be at least {minimum}, got {value!r}", field=key)
+        return number
     if isinstance(default, str):
         if isinstance(value, (dict, list)):
             raise InvalidRequest(f"Option {key!r} expects a string, got {value!r}", field=key)
@@ -366,6 +379,7 @@ class Options:
         self._values = dict(self._defaults)
         if self._path is not None:
             self._values.update(self._load(self._path))
+        self._watchers: dict[str, list[Callable[[Any], None]]] = {}
 
     @staticmethod
     def _load(path: Path) -> dict[str, Any]:
@@ -409,7 +423,19 @@ class Options:
             self._values.update(changes)
             if self._path is not None and changes:
                 self._save(self._path, self._values)
+            watchers = [(w, changes[k]) for k in changes for w in self._watchers.get(k, ())]
+        # Outside the lock: a watcher may read the options back.
+        for watcher, value in watchers:
+            watcher(value)
         return changes
+
+    def watch(self, key: str, callback: Callable[[Any], None], *, now: bool = True) -> None:
+        """Call `callback(value)` after every update that sets the option, and (`now`) with its value now."""
+        with self._lock:
+            self._watchers.setdefault(key, []).append(callback)
+            value = self._values.get(key)
+        if now:
+            callback(value)
 
     @staticmethod
     def _save(path: Path, values: Mapping[str, Any]) -> None:
@@ -423,3 +449,17 @@ class Options:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def bind_engine(options: Options, engine: Any) -> None:
+    """Make the engine follow the options in `ENGINE_HOOKS`, starting with their current (persisted) values.
+    A saved value the engine refuses is logged and the engine keeps its own."""
+    for key, method in ENGINE_HOOKS.items():
+        hook = getattr(engine, method, None)
+        if not callable(hook):
+            continue
+        try:
+            hook(options.get(key))
+        except InvalidRequest as exc:
+            log.warning("option %s=%r not applied: %s", key, options.get(key), exc.message)
+        options.watch(key, hook, now=False)
