@@ -1,8 +1,8 @@
 """Which network a model file holds, judged from its state-dict keys, and building it.
 
-ESRGAN (RRDBNet, all key layouts) and Real-ESRGAN compact (SRVGGNetCompact) are implemented. SwinIR and DAT
-files are recognised so the error can say what they are, but refused: those transformer architectures are not
-implemented in sdserver.
+ESRGAN (RRDBNet, all key layouts), Real-ESRGAN compact (SRVGGNetCompact), SwinIR (classical, lightweight,
+real-world and restoration heads) and DAT (DAT, DAT-S, DAT-2, DAT-light) are implemented; each builder infers its
+hyperparameters from the state dict alone.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from sdserver.errors import ModelLoadError, UnsupportedFeature
-from sdserver.upscalers import compact, esrgan
+from sdserver.errors import ModelLoadError
+from sdserver.upscalers import compact, dat, esrgan, swinir
 
 
 class Architecture(enum.StrEnum):
@@ -41,9 +41,9 @@ def detect(keys: set[str] | frozenset[str]) -> Architecture | None:
         return Architecture.ESRGAN
     if compact.is_compact(keys):
         return Architecture.COMPACT
-    if any(".residual_group.blocks." in k for k in keys):
+    if swinir.is_swinir(keys):
         return Architecture.SWINIR
-    if "before_RG.1.weight" in keys or any(".attn.attns." in k for k in keys):
+    if dat.is_dat(keys):
         return Architecture.DAT
     return None
 
@@ -54,16 +54,16 @@ def build(sd: Mapping[str, torch.Tensor], *, source: str, field: str) -> nn.Modu
     `source` names the file in messages; `field` is the request field that chose it.
     """
     arch = detect(frozenset(sd))
-    builders = {Architecture.ESRGAN: esrgan.build_rrdbnet, Architecture.COMPACT: compact.build_compact}
-    if arch in builders:
-        try:
-            return builders[arch](sd)
-        except ModelLoadError as exc:
-            raise ModelLoadError(f"{source}: {exc.message}", field=field) from None
-    if arch in (Architecture.SWINIR, Architecture.DAT):
-        raise UnsupportedFeature(
-            f"{source} is a {arch} model; the {arch} architecture is not implemented in sdserver "
-            "(ESRGAN and Real-ESRGAN models are)",
-            field=field,
-        )
-    raise ModelLoadError(f"{source}: not a known upscaler architecture (ESRGAN, Real-ESRGAN compact)", field=field)
+    builders = {
+        Architecture.ESRGAN: esrgan.build_rrdbnet,
+        Architecture.COMPACT: compact.build_compact,
+        Architecture.SWINIR: swinir.build_swinir,
+        Architecture.DAT: dat.build_dat,
+    }
+    if arch is None:
+        known = ", ".join(a.value for a in Architecture)
+        raise ModelLoadError(f"{source}: not a known upscaler architecture ({known})", field=field)
+    try:
+        return builders[arch](sd)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{source}: {exc.message}", field=field) from None

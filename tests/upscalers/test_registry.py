@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from sdserver.errors import InvalidRequest, ModelLoadError, UnsafeCheckpoint, UnsupportedFeature
+from sdserver.errors import InvalidRequest, ModelLoadError, UnsafeCheckpoint
 from sdserver.upscalers.registry import UpscalerRegistry
 
 
@@ -174,7 +174,7 @@ def test_nested_params_ema_is_unwrapped(tmp_path, realesrgan):
     assert reg.upscale(_image(3, 5), 4, "R-ESRGAN 4x+").size == (12, 20)
 
 
-def test_swinir_and_dat_are_listed_but_refused(tmp_path):
+def test_incomplete_swinir_and_dat_files_are_load_errors(tmp_path):
     dirs = _dirs(tmp_path)
     swin = {"conv_first.weight": torch.zeros(8, 3, 3, 3),
             "layers.0.residual_group.blocks.0.attn.relative_position_bias_table": torch.zeros(4, 2)}
@@ -184,10 +184,10 @@ def test_swinir_and_dat_are_listed_but_refused(tmp_path):
     reg = UpscalerRegistry(dirs)
     assert reg.has("001_classicalSR_x4") and reg.has("DAT_x4")
     for name, arch in (("001_classicalSR_x4", "SwinIR"), ("DAT_x4", "DAT")):
-        with pytest.raises(UnsupportedFeature) as err:
+        with pytest.raises(ModelLoadError) as err:
             reg.upscale(_image(4, 4), 2, name, field="upscaler_1")
         assert err.value.field == "upscaler_1"
-        assert arch in err.value.message and "not implemented" in err.value.message
+        assert f"{name}.safetensors" in err.value.message and arch in err.value.message
 
 
 def test_unknown_architecture_is_a_load_error(tmp_path):
