@@ -222,6 +222,10 @@ class LocalEngine:
         """A1111's `sd_checkpoints_limit`: how many checkpoints stay loaded (least recently used evicted)."""
         self.manager.set_limit(limit)
 
+    def set_checkpoints_limit(self, limit: int) -> None:
+        """A1111's `sd_checkpoints_limit`: how many checkpoints stay loaded (least recently used evicted)."""
+        self.manager.set_limit(limit)
+
     def reload(self) -> None:
         self.manager.reload()
 
