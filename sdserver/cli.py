@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt-dir", help="checkpoints (default: MODELS_DIR/Stable-diffusion)")
     g.add_argument("--ckpt", help="checkpoint to load at start")
     g.add_argument("--vae-dir", help="VAE folder (default: MODELS_DIR/VAE)")
-    g.add_argument("--vae-path", help="VAE file to use")
+    g.add_argument("--vae-path", help="VAE file used with every checkpoint (overrides the sd_vae option)")
     g.add_argument("--lora-dir", help="LoRA folder (default: MODELS_DIR/Lora)")
     g.add_argument("--embeddings-dir", help="textual-inversion embeddings (default: DATA_DIR/embeddings)")
     g.add_argument("--hypernetwork-dir", help="hypernetworks (default: MODELS_DIR/hypernetworks)")

@@ -251,7 +251,7 @@ def create_engine(settings: Settings) -> LocalEngine:
     manager = ModelManager(
         dirs, fallback_checkpoint(settings, dirs), settings.data_dir / "cache.json", device, dtype,
         hashing=not settings.no_hashing, vae_dirs=[settings.vae_dir or root / "VAE"],
-        vae_dtype=torch.float32 if settings.no_half_vae else None,
+        vae_dtype=torch.float32 if settings.no_half_vae else None, vae_path=settings.vae_path,
     )
     libraries = Libraries(
         upscalers=UpscalerRegistry(upscaler_dirs(settings)),

@@ -68,7 +68,8 @@ class ModelManager:
     (and cached) when it is first loaded, so a large library doesn't stall startup; `hash_on_scan` hashes
     every file while scanning instead, `hashing=False` never hashes (A1111's --no-hashing). `vae_dirs` are
     the folders of separate VAE files (`set_vae`), `vae_dtype` the VAE's dtype when it differs from `dtype`
-    (A1111's --no-half-vae); `prediction_overrides` maps checkpoint names to "eps"/"v".
+    (A1111's --no-half-vae); `prediction_overrides` maps checkpoint names to "eps"/"v". `vae_path` (A1111's
+    --vae-path) is the VAE of every checkpoint, whatever `sd_vae` says.
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class ModelManager:
         prediction_overrides: dict[str, str] | None = None,
         vae_dirs: list[Path] | None = None,
         vae_dtype: torch.dtype | None = None,
+        vae_path: Path | None = None,
     ) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
@@ -103,6 +105,7 @@ class ModelManager:
         self._aliases: dict[str, CheckpointInfo] = {}
         self.vae_dirs = [Path(d) for d in vae_dirs or []]
         self.vae_dtype = vae_dtype or dtype
+        self.vae_path = Path(vae_path) if vae_path is not None else None
         self._vae_choice = AUTOMATIC  # A1111's default `sd_vae`
         self._loaded: OrderedDict[str, _Entry] = OrderedDict()  # filename → entry
         self._current: str | None = None
@@ -276,11 +279,21 @@ class ModelManager:
     # separate VAE files
 
     def vae_files(self) -> list[Path]:
-        return find_vae_files(self.vae_dirs, self.checkpoint_dirs)
+        found = find_vae_files(self.vae_dirs, self.checkpoint_dirs)
+        if self.vae_path is not None and self.vae_path.is_file():
+            found = list(dict.fromkeys([*found, self.vae_path.resolve()]))
+        return found
 
     def _vae_candidates(self, choice: str) -> list[Path]:
         # "Automatic" and "None" need no folder scan, which every cached-model switch would otherwise pay.
         return [] if choice in (AUTOMATIC, NONE) else self.vae_files()
+
+    def _forced_vae(self) -> Path | None:
+        if self.vae_path is None:
+            return None
+        if not self.vae_path.is_file():
+            raise ModelLoadError(f"--vae-path {self.vae_path}: no such file", field="vae_path")
+        return self.vae_path
 
     @property
     def vae_choice(self) -> str:
@@ -300,7 +313,8 @@ class ModelManager:
         with self._lock:
             entry = self._loaded.get(self._current) if self._current else None
         checkpoint = Path(entry.info.filename) if entry else None
-        resolve_vae(choice, self._vae_candidates(choice), checkpoint)  # validates the name even with no model
+        if self.vae_path is None:  # --vae-path overrides every choice, so none is refused (as A1111)
+            resolve_vae(choice, self._vae_candidates(choice), checkpoint)  # validates the name even with no model
         if entry is not None:
             entry = self._apply_vae(entry, choice)
             with self._lock:
@@ -312,7 +326,7 @@ class ModelManager:
     def _apply_vae(self, entry: _Entry, choice: str | None = None) -> _Entry:
         """`entry` with the chosen VAE in its model (loading a file when it differs from the one in use)."""
         choice = choice or self._vae_choice
-        path = resolve_vae(choice, self._vae_candidates(choice), Path(entry.info.filename))
+        path = self._forced_vae() or resolve_vae(choice, self._vae_candidates(choice), Path(entry.info.filename))
         if path is None:
             entry.model.vae = entry.own_vae
             return dataclasses.replace(entry, vae=None)
