@@ -12,7 +12,12 @@ import torch
 from PIL import Image
 
 from sdserver.engine.devices import cpu_has_native_bf16, pick_device, pick_dtype
-from sdserver.engine.types import CheckpointInfo, GeneratedImage, GenerationRequest, GenerationResult, JobControl
+from sdserver.engine.refiner import (
+    ModelSlot, refined_img2img, refined_txt2img, refiner_job, refiner_route, resolve_refiner,
+)
+from sdserver.engine.types import (
+    CheckpointInfo, GeneratedImage, GenerationRequest, GenerationResult, JobControl, RefinerUse,
+)
 from sdserver.errors import InvalidRequest, NoModelAvailable
 from sdserver.models.manager import ModelManager, free_memory, validate_file
 from sdserver.models.sd_model import SDModel
@@ -123,13 +128,18 @@ class LocalEngine:
 
     def generate(self, request: GenerationRequest, control: JobControl) -> GenerationResult:
         self._check_upscaler(request)
+        refiner = resolve_refiner(self.manager, request)
         calls = network_calls(request)
         model, info = self._model_for(request)
+        refined, refiner = refiner_route(model, info, refiner, request)
+        used: RefinerUse | None = None
         vae = self.manager.set_vae(request.vae)
         embeddings = self.libraries.embeddings.for_model(model)
         cache = TextEncoderCache(model, conditioning_options(request), embeddings, embeddings.embed_chunks)
         with apply_networks(model, calls, self.libraries.networks) as applied, seamless(model, request.tiling):
-            if request.is_img2img:
+            if refined:
+                images, interrupted, used = self._refined(model, info, refiner, request, control, cache)
+            elif request.is_img2img:
                 images, interrupted = img2img(
                     model, request, control, cache, inpainting_mask_weight=request.inpainting_mask_weight
                 )
@@ -143,7 +153,27 @@ class LocalEngine:
             embedding_hashes=tuple((n, embeddings.hash(n)) for n in cache.used_embeddings),
             vae_name=vae.name if vae else None, vae_hash=vae.hash if vae else None,
             interrupted=interrupted, is_using_inpainting_conditioning=model.is_inpainting and request.is_img2img,
+            refiner=used,
         )
+
+    def _refined(
+        self, model: SDModel, info: CheckpointInfo, refiner: CheckpointInfo | None, request: GenerationRequest,
+        control: JobControl, cache: TextEncoderCache,
+    ) -> tuple[list[GeneratedImage], bool, RefinerUse | None]:
+        """Sampling that may switch to the refiner checkpoint (sdserver.engine.refiner); the base is current
+        again afterwards."""
+
+        def make_cache(other: SDModel) -> TextEncoderCache:
+            found = self.libraries.embeddings.for_model(other)
+            return TextEncoderCache(other, conditioning_options(request), found, found.embed_chunks)
+
+        with refiner_job(self.manager, ModelSlot(model, cache), info, refiner, request.refiner, make_cache,
+                         lambda other: seamless(other, request.tiling)) as job:
+            if request.is_img2img:
+                images, interrupted = refined_img2img(job, request, control, request.inpainting_mask_weight)
+            else:
+                images, interrupted = refined_txt2img(job, request, control)
+        return images, interrupted, job.use()
 
     def _hires(
         self, model: SDModel, info: CheckpointInfo, request: GenerationRequest, control: JobControl,

@@ -81,6 +81,27 @@ class InpaintParams:
 
 
 @dataclass(frozen=True)
+class RefinerParams:
+    """Sampling moves to another checkpoint part-way (A1111's refiner)."""
+
+    checkpoint: str
+    # Fraction of the schedule done at which to switch; None switches at the first step, as A1111 does.
+    switch_at: float | None = 0.8
+    # Count denoiser calls instead of reading the noise level (A1111's refiner_switch_by_sample_steps).
+    by_sampling_steps: bool = False
+
+
+@dataclass(frozen=True)
+class RefinerUse:
+    """The refiner a job switched to, for the infotext: file name without folder or extension, short hash."""
+
+    name: str
+    hash: str | None
+    switch_at: float | None
+    by_sampling_steps: bool = False
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One txt2img or img2img request, fully resolved (defaults applied, names validated)."""
 
@@ -108,6 +129,10 @@ class GenerationRequest:
     img2img_fix_steps: bool = False
     disable_extra_networks: bool = False
     preview_method: str = "Approx cheap"  # or "Full": a VAE decode of the current latent
+    refiner: RefinerParams | None = None
+    # SDXL refiner conditioning (A1111's sdxl_refiner_high/low_aesthetic_score): prompt and negative prompt.
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
 
     @property
     def is_img2img(self) -> bool:
@@ -141,6 +166,7 @@ class GenerationResult:
     extra_params: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
     is_using_inpainting_conditioning: bool = False
+    refiner: RefinerUse | None = None  # None: no switch happened
 
 
 class Interrupted(Exception):

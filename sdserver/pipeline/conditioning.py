@@ -129,3 +129,20 @@ def condition_prompt(
         encoded = cache.encode(tuple(t for _, t in schedule))
         scheduled.append(ScheduledConditioning(tuple((end, e) for (end, _), e in zip(schedule, encoded)), weight))
     return PromptConditioning(tuple(scheduled))
+
+
+def map_text_conditioning(
+    conditioning: PromptConditioning, fn: Callable[[TextConditioning], TextConditioning]
+) -> PromptConditioning:
+    """`conditioning` with `fn` applied to every scheduled entry of every part (schedules and weights kept)."""
+    return PromptConditioning(tuple(
+        ScheduledConditioning(tuple((end, fn(entry)) for end, entry in part.entries), part.weight)
+        for part in conditioning.parts
+    ))
+
+
+def zeroed(entry: TextConditioning) -> TextConditioning:
+    """The text embeddings replaced by zeros: sgm's `force_zero_embeddings`, which A1111 uses for SDXL-style
+    models when every negative prompt of the batch is empty."""
+    pooled = None if entry.pooled is None else torch.zeros_like(entry.pooled)
+    return TextConditioning(torch.zeros_like(entry.context), pooled)

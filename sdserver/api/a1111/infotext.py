@@ -189,6 +189,20 @@ def _inpaint_params(gen: GenerationRequest) -> dict[str, Any]:
     return out
 
 
+def _refiner_params(result: GenerationResult) -> dict[str, Any]:
+    """A1111 writes these when sampling switched to the refiner: its short title (file name without folder or
+    extension, then the short hash) and the switch point."""
+    used = result.refiner
+    if used is None:
+        return {}
+    out: dict[str, Any] = {}
+    if used.by_sampling_steps:
+        out["Refiner switch by sampling steps"] = True
+    out["Refiner"] = f"{used.name} [{used.hash}]" if used.hash else used.name
+    out["Refiner switch at"] = used.switch_at
+    return out
+
+
 def _uses_ensd(gen: GenerationRequest) -> bool:
     sampler = names.sampler_by_id(gen.sampling.sampler)
     return bool(sampler.options.get("uses_ensd")) and effective_eta(gen.sampling) != 0
@@ -245,6 +259,7 @@ def generation_params(
         params["Emphasis"] = gen.emphasis
     params.update(_inpaint_params(gen))
     params.update(_sampler_params(gen, options))
+    params.update(_refiner_params(result))
     if s.sgm_noise_multiplier and not gen.is_img2img:
         params["SGM noise multiplier"] = True
     if options.get("use_old_scheduling"):

@@ -27,6 +27,7 @@ from sdserver.engine.types import (
     HiresParams,
     InpaintParams,
     NoiseSource,
+    RefinerParams,
     SamplingParams,
     SeedParams,
 )
@@ -186,8 +187,6 @@ def _check_scripts(req: GenerationRequestBase) -> None:
 def _check_unsupported(req: GenerationRequestBase) -> None:
     if req.restore_faces:
         raise UnsupportedFeature("restore_faces: face restoration is not available in sdserver", field="restore_faces")
-    if req.refiner_checkpoint and req.refiner_checkpoint not in ("None", "Use same checkpoint"):
-        raise UnsupportedFeature("refiner_checkpoint: the refiner is not supported yet", field="refiner_checkpoint")
 
 
 # ---- infotext in the request (A1111 1.8+) -----------------------------------------------------------------
@@ -218,6 +217,8 @@ _INFOTEXT_FIELDS: tuple[tuple[str, str], ...] = (
     ("Hires schedule type", "hr_scheduler"),
     ("Hires prompt", "hr_prompt"),
     ("Hires negative prompt", "hr_negative_prompt"),
+    ("Refiner", "refiner_checkpoint"),
+    ("Refiner switch at", "refiner_switch_at"),
 )
 _INFOTEXT_OPTIONS: tuple[tuple[str, str], ...] = (
     ("Clip skip", "CLIP_stop_at_last_layers"),
@@ -331,6 +332,24 @@ def _emphasis(opts: Mapping[str, Any]) -> str:
     return value
 
 
+# A1111 treats these refiner_checkpoint values as "no refiner"; sdserver also the hires field's wording.
+_NO_REFINER = ("", "None", "none", "Use same checkpoint")
+
+
+def _refiner(req: GenerationRequestBase, opts: Mapping[str, Any]) -> RefinerParams | None:
+    """The refiner switch; the checkpoint name is checked by the engine (a 422 naming refiner_checkpoint)."""
+    if req.refiner_checkpoint is None or req.refiner_checkpoint in _NO_REFINER:
+        return None
+    switch_at = req.refiner_switch_at
+    if switch_at is not None:
+        _check_range(switch_at, 0.0, 1.0, "refiner_switch_at")
+    return RefinerParams(
+        checkpoint=str(req.refiner_checkpoint),
+        switch_at=None if switch_at is None else float(switch_at),
+        by_sampling_steps=bool(opts.get("refiner_switch_by_sample_steps", False)),
+    )
+
+
 def _size(req: GenerationRequestBase, default_size: tuple[int, int]) -> tuple[int, int]:
     # Only an omitted (or null) size takes the model's native one: a client that sends 512 gets 512.
     width = req.width if "width" in req.model_fields_set else default_size[0]
@@ -373,6 +392,9 @@ def _common(
         emphasis=_emphasis(opts),
         disable_extra_networks=bool(req.disable_extra_networks),
         preview_method="Full" if opts.get("show_progress_type") == "Full" else "Approx cheap",
+        refiner=_refiner(req, opts),
+        aesthetic_score=float(opts.get("sdxl_refiner_high_aesthetic_score", 6.0)),
+        negative_aesthetic_score=float(opts.get("sdxl_refiner_low_aesthetic_score", 2.5)),
     )
     return fields, opts
 

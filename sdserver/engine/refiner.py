@@ -1,0 +1,384 @@
+"""A1111's refiner: sampling moves to a second checkpoint part-way and goes on with the same sigmas, noise and
+step count, on conditioning the second model computes for itself (A1111 1.10 `sd_samplers_common.apply_refiner`).
+
+Switch rule (A1111's default): at each denoiser call the noise level is mapped to the current model's nearest
+training timestep t, and the switch happens at the first call where (999 - t) / 1000 >= switch_at. With
+`by_sampling_steps` (A1111's refiner_switch_by_sample_steps) the fraction is denoiser calls so far over the
+pass's calls (its steps, doubled for second-order samplers). switch_at None switches at the first call; a
+refiner that is the model already loaded never switches. The prompt schedule keeps counting across the switch.
+
+SDXL refiner models (any job whose model is one, switched to or not) take a vector of pooled text, size, crop
+and an aesthetic score: 6.0 for prompts, 2.5 for negative prompts by default; an all-empty negative prompt
+batch is encoded as zeros (sgm's force_zero_embeddings, as A1111 asks for it).
+
+Every batch starts on the base model, as A1111 reloads it per batch; the refiner is loaded once, at the first
+switch, and kept for the job's later batches. Images are decoded by the model sampling ended on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, ContextManager, Iterator, Protocol
+
+import torch
+
+from sdserver.engine.types import (
+    CheckpointInfo, GeneratedImage, GenerationRequest, JobControl, RefinerParams, RefinerUse,
+)
+from sdserver.errors import InvalidRequest, ModelNotFound, UnsupportedFeature
+from sdserver.models.family_sdxl import is_refiner, refiner_vector
+from sdserver.models.sd_model import SDModel
+from sdserver.pipeline.cfg import CFGDenoiser, Guidance
+from sdserver.pipeline.conditioning import TextEncoderCache, map_text_conditioning, zeroed
+from sdserver.pipeline.denoise import guided_denoiser, make_rng, run_sampler
+from sdserver.pipeline.extra_networks import parse_extra_networks
+from sdserver.pipeline.image_ops import finish_img2img_image
+from sdserver.pipeline.images import pil_to_tensor, preview_function, tensor_to_pil
+from sdserver.pipeline.img2img import (
+    MaskedDenoiser, encode_images, fill_latent, inpainting_conditioning, make_latent_mask, prepare_pixels,
+)
+from sdserver.pipeline.prompt_parser import strip_comments
+from sdserver.pipeline.txt2img import guidance_for, plan_batches, schedule_steps, vector_conditioning
+from sdserver.sampling import run
+from sdserver.sampling.discrete import DiscreteSchedule
+from sdserver.sampling.registry import SAMPLERS
+
+# A1111 names a disabled refiner these ways; sdserver also takes the hires field's "Use same checkpoint".
+DISABLED_NAMES = ("", "None", "none", "Use same checkpoint")
+_LAST_TIMESTEP = 999  # A1111's completed ratio is (999 - t) / 1000
+
+
+class Denoiser(Protocol):
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra: object) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class ModelSlot:
+    """A model with its per-request text-encoder cache."""
+
+    model: SDModel
+    cache: TextEncoderCache
+
+
+@dataclass(frozen=True)
+class SwitchRule:
+    switch_at: float | None
+    by_sampling_steps: bool
+    total_calls: int  # the pass's denoiser calls, for by_sampling_steps
+
+    def reached(self, sigma: torch.Tensor, calls: int, model_sigmas: torch.Tensor) -> bool:
+        if self.switch_at is None:
+            return True
+        return completed_ratio(sigma, calls, self.total_calls, model_sigmas, self.by_sampling_steps) >= self.switch_at
+
+
+def completed_ratio(
+    sigma: torch.Tensor, calls: int, total_calls: int, model_sigmas: torch.Tensor, by_sampling_steps: bool
+) -> float:
+    """How much of the pass A1111 considers done at a denoiser call (see the module docstring)."""
+    if by_sampling_steps:
+        return calls / max(total_calls, 1)
+    timestep = int(torch.argmin((model_sigmas - sigma.detach().float().max().cpu()).abs()))
+    return (_LAST_TIMESTEP - timestep) / 1000
+
+
+class SwitchingDenoiser:
+    """Delegates to the base's guided denoiser until the rule is reached, then to the one `switch(calls)`
+    builds for the refiner (once). `model` is the model in use; `switched_at` the call index of the switch."""
+
+    def __init__(
+        self, first: Denoiser, model: SDModel, rule: SwitchRule | None,
+        switch: Callable[[int], tuple[SDModel, Denoiser]],
+    ) -> None:
+        self.current, self.model, self.rule, self.switch = first, model, rule, switch
+        self.calls = 0
+        self.switched_at: int | None = None
+
+    def _advance(self, sigma: torch.Tensor) -> None:
+        if self.switched_at is None and self.rule is not None:
+            table = DiscreteSchedule(self.model.alphas_cumprod).sigmas
+            if self.rule.reached(sigma, self.calls, table):
+                self.model, self.current = self.switch(self.calls)
+                self.switched_at = self.calls
+        self.calls += 1
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra: object) -> torch.Tensor:
+        self._advance(sigma)
+        return self.current(x, sigma, **extra)
+
+    def denoise_with_uncond(self, x, sigma, *, cond_scale_multiplier=1.0, **extra):  # type: ignore[no-untyped-def]
+        self._advance(sigma)
+        return self.current.denoise_with_uncond(  # type: ignore[attr-defined]
+            x, sigma, cond_scale_multiplier=cond_scale_multiplier, **extra
+        )
+
+
+# ---- conditioning per model ---------------------------------------------------------------------------------
+
+
+def _is_empty(prompt: str) -> bool:
+    return parse_extra_networks(strip_comments(prompt))[0] == ""
+
+
+def refiner_guidance(
+    guidance: Guidance, negatives: tuple[str, ...], width: int, height: int, score: float, negative_score: float
+) -> Guidance:
+    """`guidance` with each pooled embedding replaced by the refiner's whole vector `y` (it differs between
+    prompt and negative prompt, so it is fixed here rather than per UNet call)."""
+
+    def vector(value: float) -> Callable:  # type: ignore[type-arg]
+        def apply(entry):  # type: ignore[no-untyped-def]
+            return replace(entry, pooled=refiner_vector(entry.pooled, width, height, value))
+        return apply
+
+    force_zero = all(_is_empty(n) for n in negatives)
+    unconds = tuple(
+        map_text_conditioning(map_text_conditioning(u, zeroed) if force_zero else u, vector(negative_score))
+        for u in guidance.unconds
+    )
+    conds = tuple(map_text_conditioning(c, vector(score)) for c in guidance.conds)
+    return replace(guidance, conds=conds, unconds=unconds)
+
+
+def model_denoiser(
+    slot: ModelSlot, request: GenerationRequest, prompts: tuple[str, ...], negatives: tuple[str, ...],
+    width: int, height: int, image_cond: torch.Tensor | None,
+) -> CFGDenoiser:
+    """The guided denoiser of one model for one batch, with that model's own conditioning."""
+    params = request.sampling
+    guidance = guidance_for(
+        slot.cache, prompts, negatives, schedule_steps(request), params.cfg_scale, params.s_min_uncond, image_cond
+    )
+    if is_refiner(slot.model.spec):
+        guidance = refiner_guidance(
+            guidance, negatives, width, height, request.aesthetic_score, request.negative_aesthetic_score
+        )
+        return guided_denoiser(slot.model, params.sampler, guidance, lambda y: y)
+    return guided_denoiser(slot.model, params.sampler, guidance, vector_conditioning(slot.model, width, height))
+
+
+def schedule_family(model: SDModel) -> str:
+    # The refiner is an SDXL model for schedules (Align Your Steps), as A1111's is_sdxl says.
+    return "sdxl" if is_refiner(model.spec) else model.family
+
+
+# ---- the job ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RefinerJob:
+    """One request's base slot and, loaded on first use by `load`, its refiner slot."""
+
+    base: ModelSlot
+    params: RefinerParams | None
+    load: Callable[[], ModelSlot] | None
+    refiner: ModelSlot | None = None
+    refiner_info: CheckpointInfo | None = None  # as loaded (hashed by then)
+    used: bool = False
+
+    def use(self) -> RefinerUse | None:
+        """What the infotext reports: the refiner, when sampling switched to it."""
+        if not self.used or self.refiner_info is None or self.params is None:
+            return None
+        return refiner_use(self.refiner_info, self.params)
+
+    def refiner_slot(self) -> ModelSlot:
+        if self.refiner is None:
+            assert self.load is not None
+            self.refiner = self.load()
+        self.used = True
+        return self.refiner
+
+    def rule(self, request: GenerationRequest, steps: int) -> SwitchRule | None:
+        if self.params is None or self.load is None:
+            return None
+        calls = steps * (2 if SAMPLERS[request.sampling.sampler].second_order else 1)
+        return SwitchRule(self.params.switch_at, self.params.by_sampling_steps, calls)
+
+    def denoiser(
+        self, request: GenerationRequest, prompts: tuple[str, ...], negatives: tuple[str, ...], width: int,
+        height: int, steps: int, image_cond_for: Callable[[SDModel], torch.Tensor | None],
+        wrap: Callable[[SDModel, CFGDenoiser], Denoiser],
+    ) -> SwitchingDenoiser:
+        base = self.base.model
+        first = wrap(base, model_denoiser(self.base, request, prompts, negatives, width, height, image_cond_for(base)))
+
+        def switch(calls: int) -> tuple[SDModel, Denoiser]:
+            slot = self.refiner_slot()
+            cfg = model_denoiser(slot, request, prompts, negatives, width, height, image_cond_for(slot.model))
+            cfg.step = calls  # the prompt schedule goes on where the base left it
+            return slot.model, wrap(slot.model, cfg)
+
+        return SwitchingDenoiser(first, base, self.rule(request, steps), switch)
+
+
+def refined_txt2img(job: RefinerJob, request: GenerationRequest, control: JobControl) -> tuple[list[GeneratedImage], bool]:
+    """txt2img's batches through `job` (A1111's phases, as sdserver.pipeline.txt2img runs them)."""
+    params = request.sampling
+    plan = plan_batches(request)
+    images: list[GeneratedImage] = []
+    for index in range(request.n_iter):
+        control.begin_pass(index, request.n_iter, params.steps)
+        base = job.base.model
+        part = plan.batch(index)
+        prompts, negatives = plan.prompts[part], plan.negative_prompts[part]
+        shape = (base.latent_channels, request.height // base.latent_scale, request.width // base.latent_scale)
+        rng = make_rng(request.seeds, list(plan.seeds[part]), list(plan.subseeds[part]), shape, base.device)
+        sampling_plan = run.plan_txt2img(
+            params.sampler, params.scheduler, params.steps, DiscreteSchedule(base.alphas_cumprod),
+            sigma_min=params.sigma_min, sigma_max=params.sigma_max, rho=params.rho,
+            always_discard_next_to_last_sigma=params.always_discard_next_to_last_sigma,
+            family=schedule_family(base),
+        )
+        x = run.initial_latent(rng.next(), sampling_plan, sgm_noise_multiplier=params.sgm_noise_multiplier)
+        denoiser = job.denoiser(request, prompts, negatives, request.width, request.height, params.steps,
+                                lambda _m: None, lambda _m, cfg: cfg)
+        result = run_sampler(params, sampling_plan, x, rng, denoiser, control, _preview(denoiser, request))
+        with torch.no_grad():
+            decoded = tensor_to_pil(denoiser.model.decode_latent(result.latents))
+        for k, picture in enumerate(decoded):
+            i = part.start + k
+            images.append(GeneratedImage(picture, plan.seeds[i], plan.subseeds[i], plan.prompts[i], plan.negative_prompts[i]))
+        if result.stopped == "interrupted":
+            return images, True
+    return images, False
+
+
+def refined_img2img(
+    job: RefinerJob, request: GenerationRequest, control: JobControl, inpainting_mask_weight: float = 1.0
+) -> tuple[list[GeneratedImage], bool]:
+    """img2img and inpainting batches through `job` (the phases of sdserver.pipeline.img2img)."""
+    params = request.sampling
+    prepared = prepare_pixels(request, None)
+    plan = plan_batches(request)
+    images: list[GeneratedImage] = []
+    for index in range(request.n_iter):
+        base = job.base.model
+        part = plan.batch(index)
+        count = part.stop - part.start
+        batch_images = [prepared.images[(part.start + k) % len(prepared.images)] for k in range(count)]
+        init = encode_images(base, batch_images, request.width, request.height)
+        mask = make_latent_mask(prepared, init, request.inpaint.mask_round if request.inpaint else True)
+        shape = tuple(init.shape[1:])
+        seeds, subseeds = list(plan.seeds[part]), list(plan.subseeds[part])
+        rng = make_rng(request.seeds, seeds, subseeds, shape, base.device)  # type: ignore[arg-type]
+        sampling_plan = run.plan_img2img(
+            params.sampler, params.scheduler, params.steps, request.denoising_strength,
+            DiscreteSchedule(base.alphas_cumprod), fix_steps=request.img2img_fix_steps, sigma_min=params.sigma_min,
+            sigma_max=params.sigma_max, rho=params.rho,
+            always_discard_next_to_last_sigma=params.always_discard_next_to_last_sigma, family=schedule_family(base),
+        )
+        control.begin_pass(index, request.n_iter, sampling_plan.steps)
+        noise = rng.next() * request.initial_noise_multiplier
+        fill = request.inpaint.fill if request.inpaint else 1
+        start = fill_latent(init, mask, fill, lambda: make_rng(request.seeds, seeds, subseeds, shape, base.device).next())  # type: ignore[arg-type]
+        x = run.noised_latent(start, noise, sampling_plan)
+        pixels = pil_to_tensor(batch_images)
+
+        def image_cond_for(model: SDModel) -> torch.Tensor | None:
+            if not model.is_inpainting:
+                return None
+            return inpainting_conditioning(model, pixels, prepared.mask, inpainting_mask_weight, tuple(init.shape[-2:]))
+
+        def wrap(model: SDModel, cfg: CFGDenoiser) -> Denoiser:
+            # A1111 holds the unmasked latent at the base's encoding for whichever model samples.
+            return cfg if mask is None or model.is_inpainting else MaskedDenoiser(cfg, start, mask)
+
+        denoiser = job.denoiser(request, plan.prompts[part], plan.negative_prompts[part], request.width,
+                                request.height, sampling_plan.steps, image_cond_for, wrap)
+        result = run_sampler(params, sampling_plan, x, rng, denoiser, control, _preview(denoiser, request))  # type: ignore[arg-type]
+        latents = result.latents if mask is None else mask.blend(start, result.latents)
+        with torch.no_grad():
+            decoded = tensor_to_pil(denoiser.model.decode_latent(latents))
+        for k, picture in enumerate(decoded):
+            i = part.start + k
+            final = finish_img2img_image(picture, prepared, i)
+            images.append(GeneratedImage(final, plan.seeds[i], plan.subseeds[i], plan.prompts[i], plan.negative_prompts[i]))
+        if result.stopped == "interrupted":
+            return images, True
+    return images, False
+
+
+def _preview(denoiser: SwitchingDenoiser, request: GenerationRequest) -> Callable[[torch.Tensor], object]:
+    return lambda latent: preview_function(denoiser.model, request.preview_method)(latent)
+
+
+# ---- engine glue ----------------------------------------------------------------------------------------------
+
+
+class Checkpoints(Protocol):
+    """The part of ModelManager a refiner job needs."""
+
+    def resolve(self, name: str) -> CheckpointInfo: ...
+
+    def load(self, name_or_info: str | CheckpointInfo) -> SDModel: ...
+
+    @property
+    def current_info(self) -> CheckpointInfo | None: ...
+
+
+def resolve_refiner(manager: Checkpoints, request: GenerationRequest) -> CheckpointInfo | None:
+    """The refiner checkpoint a request names, None when it names none. An unknown name is a 422 naming
+    `refiner_checkpoint`, raised before any model is loaded or sampled."""
+    params = request.refiner
+    if params is None or params.checkpoint in DISABLED_NAMES:
+        return None
+    try:
+        info = manager.resolve(params.checkpoint)
+    except ModelNotFound:
+        raise InvalidRequest(
+            f"Could not find checkpoint with name {params.checkpoint}", field="refiner_checkpoint"
+        ) from None
+    if request.hires is not None:
+        raise UnsupportedFeature(
+            "refiner_checkpoint: the refiner together with the hires fix is not supported yet",
+            field="refiner_checkpoint",
+        )
+    return info
+
+
+def refiner_route(model: SDModel, base: CheckpointInfo, refiner: CheckpointInfo | None,
+                  request: GenerationRequest) -> tuple[bool, CheckpointInfo | None]:
+    """(whether the request runs here, the refiner to switch to). Requests that switch models run here, and so
+    does any request whose own model is an SDXL refiner (its vector differs from the base's); a refiner that
+    is the loaded model itself never switches, as in A1111."""
+    if refiner is not None and refiner.filename == base.filename:
+        refiner = None
+    if is_refiner(model.spec) and request.hires is not None:
+        raise UnsupportedFeature("enable_hr: the hires fix does not run on an SDXL refiner model yet",
+                                 field="enable_hr")
+    return refiner is not None or is_refiner(model.spec), refiner
+
+
+def refiner_use(info: CheckpointInfo, params: RefinerParams) -> RefinerUse:
+    return RefinerUse(Path(info.filename).stem, info.hash, params.switch_at, params.by_sampling_steps)
+
+
+@contextlib.contextmanager
+def refiner_job(
+    manager: Checkpoints, base: ModelSlot, base_info: CheckpointInfo, refiner: CheckpointInfo | None,
+    params: RefinerParams | None, make_cache: Callable[[SDModel], TextEncoderCache],
+    enter_model: Callable[[SDModel], ContextManager[object]],
+) -> Iterator[RefinerJob]:
+    """A RefinerJob whose refiner is loaded through `manager` at the first switch (and `enter_model`ed: tiling);
+    afterwards the base checkpoint is the current one again, whatever happened."""
+    with contextlib.ExitStack() as stack:
+
+        def load() -> ModelSlot:
+            assert refiner is not None
+            model = manager.load(refiner)
+            job.refiner_info = manager.current_info or refiner
+            stack.enter_context(enter_model(model))
+            return ModelSlot(model, make_cache(model))
+
+        job = RefinerJob(base, params, load if refiner is not None else None)
+        try:
+            yield job
+        finally:
+            stack.close()
+            current = manager.current_info
+            if job.refiner is not None and (current is None or current.filename != base_info.filename):
+                job.refiner = None  # the refiner may be freed while the base comes back
+                manager.load(base_info)
