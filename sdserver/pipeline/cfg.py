@@ -16,6 +16,7 @@ from sdserver.pipeline.conditioning import PromptConditioning, TextConditioning
 
 DenoiseRows = Callable[..., torch.Tensor]
 VectorCond = Callable[[torch.Tensor | None], torch.Tensor | None]
+NoiseLevel = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -28,13 +29,33 @@ class Guidance:
 
 
 class CFGDenoiser:
-    """Counts its calls: A1111's prompt schedules refer to denoiser calls, not sampler steps."""
+    """Counts its calls: A1111's prompt schedules refer to denoiser calls, not sampler steps.
 
-    def __init__(self, denoiser: DenoiseRows, guidance: Guidance, vector_cond: VectorCond | None = None) -> None:
+    `skip_level(sigma)` is what `s_min_uncond` is compared with (see `sampling.run.uncond_skip_level`): sigma
+    itself by default, the DDPM timestep for the timestep samplers, as in A1111.
+    """
+
+    def __init__(self, denoiser: DenoiseRows, guidance: Guidance, vector_cond: VectorCond | None = None,
+                 skip_level: NoiseLevel | None = None) -> None:
         self.denoiser = denoiser
         self.guidance = guidance
         self.vector_cond = vector_cond
+        self.skip_level = skip_level
         self.step = 0
+
+    @property
+    def prediction(self) -> str:
+        """The wrapped UNet's prediction type ("eps" or "v"); UniPC needs it to convert like A1111."""
+        return str(getattr(self.denoiser, "prediction", "eps"))
+
+    def skips_uncond(self, sigma: torch.Tensor) -> bool:
+        """A1111 drops the negative prompt on every other call while the first image's level is below
+        s_min_uncond."""
+        threshold = self.guidance.s_min_uncond
+        if threshold <= 0 or self.step % 2 == 0:
+            return False
+        level = sigma if self.skip_level is None else self.skip_level(sigma)
+        return float(level.reshape(-1)[0]) < threshold
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra: Any) -> torch.Tensor:
         return self.denoise_with_uncond(x, sigma, cond_scale_multiplier=1.0)[0]
@@ -44,7 +65,7 @@ class CFGDenoiser:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.guidance
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
-        skip_uncond = g.s_min_uncond > 0 and self.step % 2 == 1 and float(sigma.max()) < g.s_min_uncond
+        skip_uncond = self.skips_uncond(sigma)
         rows: list[tuple[int, TextConditioning]] = []  # (image index, conditioning)
         weights: list[list[tuple[int, float]]] = []  # per image: (row index, weight) of its cond parts
         uncond_rows: list[int] = []
@@ -96,3 +117,64 @@ class CFGDenoiser:
             for row, value in zip(members, result):
                 out[row] = value
         return out
+
+
+def _vp_scale(sigma: torch.Tensor, ndim: int) -> torch.Tensor:
+    return ((sigma**2 + 1) ** 0.5).reshape(sigma.shape + (1,) * (ndim - sigma.ndim))
+
+
+class OutputMaskedDenoiser:
+    """Inpainting for the k-diffusion samplers (A1111's blend "after"): the denoised value keeps the input's
+    latent where `keep` is 1; the denoiser sees the sampler's latent unchanged."""
+
+    def __init__(self, inner: Any, init: torch.Tensor, keep: torch.Tensor, regen: torch.Tensor) -> None:
+        self.inner, self.init, self.keep, self.regen = inner, init, keep, regen
+
+    @property
+    def prediction(self) -> str:
+        return str(getattr(self.inner, "prediction", "eps"))
+
+    def _blend(self, denoised: torch.Tensor) -> torch.Tensor:
+        return denoised * self.regen + self.init * self.keep
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra: Any) -> torch.Tensor:
+        return self._blend(self.inner(x, sigma, **extra))
+
+    def denoise_with_uncond(self, x: torch.Tensor, sigma: torch.Tensor, *, cond_scale_multiplier: float = 1.0,
+                            **extra: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        guided, uncond = self.inner.denoise_with_uncond(x, sigma, cond_scale_multiplier=cond_scale_multiplier, **extra)
+        return self._blend(guided), uncond
+
+
+class InputMaskedDenoiser:
+    """Inpainting for the timestep samplers (DDIM, DDIM CFG++, PLMS, UniPC), as A1111 1.10 does it (its CFG
+    denoiser's `mask_before_denoising`): before the UNet runs, the sampler's VP latent x_t takes the input's
+    *un-noised* latent where `keep` is 1; nothing is blended afterwards, and the sampler goes on from its own
+    unblended x_t with the eps of the blended one.
+
+    The timestep samplers call this with the VE latent x = x_t * sqrt(1 + sigma^2); the eps they read back is
+    (x - D) / sigma, so the blended call's D is shifted by x - x_blended to hand them the blended latent's eps.
+    """
+
+    def __init__(self, inner: Any, init: torch.Tensor, keep: torch.Tensor, regen: torch.Tensor) -> None:
+        self.inner, self.init, self.keep, self.regen = inner, init, keep, regen
+
+    @property
+    def prediction(self) -> str:
+        return str(getattr(self.inner, "prediction", "eps"))
+
+    def _blend(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+        scale = _vp_scale(sigma, x.ndim)
+        return (x / scale * self.regen + self.init * self.keep) * scale
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra: Any) -> torch.Tensor:
+        blended = self._blend(x, sigma)
+        return self.inner(blended, sigma, **extra) + (x - blended)
+
+    def denoise_with_uncond(self, x: torch.Tensor, sigma: torch.Tensor, *, cond_scale_multiplier: float = 1.0,
+                            **extra: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        blended = self._blend(x, sigma)
+        guided, uncond = self.inner.denoise_with_uncond(blended, sigma, cond_scale_multiplier=cond_scale_multiplier,
+                                                        **extra)
+        return guided + (x - blended), uncond + (x - blended)

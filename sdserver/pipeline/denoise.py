@@ -10,10 +10,11 @@ from PIL import Image
 
 from sdserver.engine.types import Interrupted, JobControl, SamplingParams, SeedParams, Skipped
 from sdserver.models.sd_model import SDModel
-from sdserver.pipeline.cfg import CFGDenoiser, Guidance
+from sdserver.pipeline.cfg import CFGDenoiser, Guidance, InputMaskedDenoiser, OutputMaskedDenoiser
 from sdserver.sampling import run
 from sdserver.sampling.discrete import DenoiserFn, DiscreteSchedule
 from sdserver.sampling.noise import ImageRNG
+from sdserver.sampling.registry import get_sampler
 from sdserver.sampling.run import SamplingPlan
 
 
@@ -84,4 +85,16 @@ def txt2img_plan(model: SDModel, params: SamplingParams) -> SamplingPlan:
 
 
 def guided_denoiser(model: SDModel, sampler_id: str, guidance: Guidance, vector_cond=None) -> CFGDenoiser:  # type: ignore[no-untyped-def]
-    return CFGDenoiser(model_denoiser(model, sampler_id), guidance, vector_cond)
+    skip_level = run.uncond_skip_level(sampler_id, DiscreteSchedule(model.alphas_cumprod))
+    return CFGDenoiser(model_denoiser(model, sampler_id), guidance, vector_cond, skip_level)
+
+
+def masked_denoiser(
+    denoiser: CFGDenoiser, sampler_id: str, init: torch.Tensor, keep: torch.Tensor, regen: torch.Tensor
+) -> InputMaskedDenoiser | OutputMaskedDenoiser:
+    """Inpainting with a non-inpainting model: hold the latent where `keep` is 1 (A1111's `mask`), regenerate
+    where `regen` is 1. Like A1111 1.10, the timestep samplers blend the latent the UNet sees (before the
+    denoiser), the k-diffusion samplers blend the denoised value (after)."""
+    if get_sampler(sampler_id).kind == "timestep":
+        return InputMaskedDenoiser(denoiser, init, keep, regen)
+    return OutputMaskedDenoiser(denoiser, init, keep, regen)

@@ -46,8 +46,11 @@ Contracts:
   attempt for DPM adaptive); exceptions it raises propagate, which is how interrupt / skip work.
 - `run.sample` returns the latent to decode: x0 for schedules ending in 0; for KL Optimal the latent at
   sigma_min; for DDIM / PLMS / UniPC the VP latent at their last timestep (t = 1, resp. t_model = 0), as A1111.
-- The timestep samplers call the denoiser with sigma = the sigma of their timestep, so a CFG layer that looks
-  at sigma (s_min_uncond) sees sigmas for every sampler; A1111 compares the raw timestep there for them.
+- The timestep samplers call the denoiser with sigma = the sigma of their timestep. A1111's CFG compares
+  s_min_uncond with the raw timestep for them: `run.uncond_skip_level(sampler_id, schedule)` maps the sigma a
+  CFG layer receives to the quantity to compare (the pipeline's CFGDenoiser takes it as `skip_level`).
+- UniPC converts a v-prediction UNet's output like A1111 (alphas at the truncated timestep); `run.sample`
+  reads the prediction type off the denoiser's `prediction` attribute (or its `prediction=` keyword).
 - All randomness enters through `rng` (ancestral, churn, DDIM noise: `rng.next()`) or the Brownian trees
   seeded by `seeds`; nothing here calls the global torch RNG, so image i of a batch equals a single run.
 """

@@ -75,6 +75,23 @@ def make_denoiser(sampler_id: str, model_fn: ModelFn, schedule: DiscreteSchedule
     return Denoiser(model_fn, schedule, prediction)
 
 
+def uncond_skip_level(sampler_id: str, schedule: DiscreteSchedule) -> Callable[[Tensor], Tensor]:
+    """The quantity A1111 compares `s_min_uncond` against, from the sigma the denoiser is called with.
+
+    A1111's CFG denoiser tests `sigma < s_min_uncond` on whatever its sampler passes as "sigma": the noise level
+    for k-diffusion samplers, but the (possibly fractional) DDPM timestep for DDIM, PLMS and UniPC, so with
+    the usual sigma-sized thresholds the negative prompt is never skipped there. sdserver calls every denoiser
+    with sigma, so for the timestep samplers the sigma is mapped back to its timestep.
+    """
+    if get_sampler(sampler_id).kind == "timestep":
+        return schedule.sigma_to_t
+    return _identity
+
+
+def _identity(sigma: Tensor) -> Tensor:
+    return sigma
+
+
 def resolve_scheduler(sampler_id: str, scheduler_id: str) -> str:
     """automatic -> the sampler's default, else uniform (the model default)."""
     get_scheduler(scheduler_id)
@@ -228,14 +245,15 @@ def sample(plan: SamplingPlan, denoiser: DenoiserFn, x: Tensor, *, rng: ImageRNG
            seeds: list[int] | None = None, eta: float | None = None, eta_ancestral: float = 1.0,
            eta_ddim: float = 0.0, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = 0.0,
            s_noise: float = 1.0, callback: Callback | None = None, extra_args: dict[str, Any] | None = None,
-           unipc: UniPCOptions = UniPCOptions()) -> Tensor:
+           unipc: UniPCOptions = UniPCOptions(), prediction: Prediction | None = None) -> Tensor:
     """Run the planned sampler; returns the latent to decode.
 
     x: from `initial_latent` / `noised_latent`. rng: the batch's ImageRNG whose first draw made x (ancestral,
     churn and DDIM noise continue its generators). seeds: the Brownian tree seeds, default rng.seeds
     (A1111 uses the batch's image seeds). eta: the request's eta, None for the option default.
     s_tmax = 0 means infinity. callback(dict(i, x, sigma, sigma_hat, denoised)) runs once per step;
-    exceptions it raises propagate (that is how the pipeline interrupts).
+    exceptions it raises propagate (that is how the pipeline interrupts). prediction: the UNet's "eps" / "v"
+    (only UniPC needs it); None reads the denoiser's `prediction` attribute, "eps" when it has none.
     """
     spec = plan.spec
     kwargs: dict[str, Any] = dict(spec.fixed_kwargs)
@@ -266,4 +284,5 @@ def sample(plan: SamplingPlan, denoiser: DenoiserFn, x: Tensor, *, rng: ImageRNG
         return spec.function(denoiser, x, plan.timesteps, schedule=plan.schedule, **kwargs)
     return spec.function(denoiser, x, len(plan.timesteps), schedule=plan.schedule, t_start=plan.unipc_t_start,
                          order=unipc.order, variant=unipc.variant, skip_type=unipc.skip_type,
-                         lower_order_final=unipc.lower_order_final, **kwargs)
+                         lower_order_final=unipc.lower_order_final,
+                         prediction=prediction or getattr(denoiser, "prediction", "eps"), **kwargs)

@@ -5,6 +5,11 @@ Time is continuous t in [1/N, 1] over the discrete DDPM schedule (log alpha line
 t_n = (n + 1) / N); the UNet gets t_model = (t - 1/N) * 1000, usually fractional. Like DDIM here, the eps comes
 through the sigma-space denoiser at sigma = schedule.t_to_sigma(t_model). A1111 options and defaults:
 variant "bh1", skip type "time_uniform", order 3, lower order final steps on.
+
+v-prediction: A1111 converts the UNet's v to eps with alphas_cumprod at the timestep truncated to an integer,
+eps = sqrt(a[int(t_model)]) v + sqrt(1 - a[int(t_model)]) x_t, not at the interpolated noise level the
+sigma-space denoiser uses; so for v models the v is recovered from the denoised value (an affine map, which
+commutes with CFG's mixing) and converted the A1111 way.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from sdserver.sampling.discrete import DiscreteSchedule
+from sdserver.sampling.discrete import DiscreteSchedule, Prediction
 from sdserver.sampling.samplers_k import Callback, ExtraArgs, OptionalNoise
 
 Model = Callable[..., Tensor]
@@ -79,18 +84,39 @@ def _expand(v: Tensor, dims: int) -> Tensor:
     return v[(...,) + (None,) * (dims - 1)]
 
 
+def v_from_denoised(x_vp: Tensor, denoised: Tensor, sigma: Tensor) -> Tensor:
+    """The v a v-prediction UNet gave, from the denoised value of the VE latent x_vp * sqrt(1 + sigma^2)
+    (inverts `discrete.Denoiser`'s v scalings)."""
+    scale = _expand((sigma**2 + 1) ** 0.5, x_vp.dim())
+    return (x_vp - denoised * scale) / _expand(sigma, x_vp.dim())
+
+
+def eps_from_v_truncated(x_vp: Tensor, v: Tensor, t_model: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """A1111's v -> eps for timestep samplers: alphas_cumprod at int(t_model), truncated, not interpolated."""
+    index = t_model.to(torch.int).long().cpu()
+    sqrt_a = torch.sqrt(alphas_cumprod)[index].to(x_vp.device)
+    sqrt_1ma = torch.sqrt(1 - alphas_cumprod)[index].to(x_vp.device)
+    return _expand(sqrt_a, x_vp.dim()) * v + _expand(sqrt_1ma, x_vp.dim()) * x_vp
+
+
 class _UniPC:
     def __init__(self, model: Model, schedule: DiscreteSchedule, ns: NoiseScheduleVP, extra_args: dict[str, Any],
-                 variant: str) -> None:
+                 variant: str, prediction: Prediction = "eps") -> None:
         if variant not in VARIANTS:
             raise ValueError(f"unknown UniPC variant {variant!r}; expected one of {VARIANTS}")
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
         self.model, self.schedule, self.ns, self.extra_args, self.variant = model, schedule, ns, extra_args, variant
+        self.prediction = prediction
 
     def eps(self, x: Tensor, t: Tensor) -> Tensor:
         t_model = self.ns.model_time(t).clamp(0, len(self.schedule.sigmas) - 1)
         sigma = self.schedule.t_to_sigma(t_model).to(x.device)
-        x_ve = x * _expand((sigma**2 + 1) ** 0.5, x.dim())
-        return (x_ve - self.model(x_ve, sigma, **self.extra_args)) / _expand(sigma, x.dim())
+        scale = _expand((sigma**2 + 1) ** 0.5, x.dim())
+        denoised = self.model(x * scale, sigma, **self.extra_args)
+        if self.prediction == "eps":
+            return (x * scale - denoised) / _expand(sigma, x.dim())
+        return eps_from_v_truncated(x, v_from_denoised(x, denoised, sigma), t_model, self.schedule.alphas_cumprod)
 
     def data_prediction(self, x: Tensor, t: Tensor) -> Tensor:
         noise = self.eps(x, t)
@@ -210,13 +236,13 @@ def sample_unipc(model: Model, x: Tensor, steps: int, *, schedule: DiscreteSched
                  t_start: Tensor | float | None = None, extra_args: ExtraArgs = None,
                  callback: Callback = None, noise_sampler: OptionalNoise = None, order: int = 3,
                  variant: str = "bh1", skip_type: str = "time_uniform",
-                 lower_order_final: bool = True) -> Tensor:
+                 lower_order_final: bool = True, prediction: Prediction = "eps") -> Tensor:
     """UniPC on the VP latent `x` from t_start (default T = 1) to t = 1/N in `steps` steps; returns VP x.
 
-    `order` is capped at `steps` (A1111 asserts instead).
+    `order` is capped at `steps` (A1111 asserts instead). `prediction`: what the UNet behind `model` predicts.
     """
     ns = NoiseScheduleVP(schedule.alphas_cumprod)
-    solver = _UniPC(model, schedule, ns, extra_args or {}, variant)
+    solver = _UniPC(model, schedule, ns, extra_args or {}, variant, prediction)
     order = min(order, steps)
     t_0 = 1.0 / ns.total_n
     t_T = ns.T if t_start is None else t_start
