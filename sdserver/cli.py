@@ -24,7 +24,7 @@ A1111_NOWEBUI_PORT = 7861  # A1111's API-only mode listens here when --port is n
 # A1111 flags that sdserver accepts and ignores. Switches first, then flags that take a value.
 IGNORED_SWITCHES = (
     "--xformers", "--force-enable-xformers", "--xformers-flash-attention", "--reinstall-xformers",
-    "--reinstall-torch", "--medvram", "--medvram-sdxl", "--lowvram", "--lowram", "--opt-sdp-attention",
+    "--reinstall-torch", "--lowram", "--opt-sdp-attention",
     "--opt-sdp-no-mem-attention", "--opt-split-attention", "--opt-split-attention-v1",
     "--opt-split-attention-invokeai", "--opt-sub-quad-attention", "--disable-opt-split-attention",
     "--opt-channelslast", "--upcast-sampling", "--enable-insecure-extension-access", "--autolaunch", "--share",
@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=("full", "half", "autocast"), default="autocast")
     g.add_argument("--no-half", action="store_true", help="fp32 weights")
     g.add_argument("--no-half-vae", action="store_true", help="fp32 VAE")
+    g.add_argument("--medvram", action="store_true",
+                   help="CUDA: text encoders, UNet and VAE on the GPU only while each runs (less VRAM, slower)")
+    g.add_argument("--medvram-sdxl", action="store_true", help="--medvram for SDXL models only")
+    g.add_argument("--lowvram", action="store_true",
+                   help="CUDA: as --medvram, and the UNet's blocks one at a time (least VRAM, slowest)")
     g = p.add_argument_group("behaviour")
     g.add_argument("--skip-load-model-at-start", action="store_true")
     g.add_argument("--no-hashing", action="store_true", help="do not compute checkpoint sha256")
@@ -206,6 +211,9 @@ def settings_from_namespace(ns: argparse.Namespace) -> Settings:
         precision=ns.precision,
         no_half=ns.no_half,
         no_half_vae=ns.no_half_vae,
+        medvram=ns.medvram,
+        medvram_sdxl=ns.medvram_sdxl,
+        lowvram=ns.lowvram,
         skip_load_model_at_start=ns.skip_load_model_at_start,
         no_hashing=ns.no_hashing,
         freeze_settings=ns.freeze_settings,

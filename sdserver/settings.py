@@ -64,6 +64,10 @@ class Settings:
     precision: str = "autocast"
     no_half: bool = False
     no_half_vae: bool = False
+    # Sequential offload on CUDA (A1111's flags): parts of the model on the GPU only while they run.
+    medvram: bool = False
+    medvram_sdxl: bool = False  # medvram for SDXL models only
+    lowvram: bool = False
     # --- behaviour
     skip_load_model_at_start: bool = False
     no_hashing: bool = False

@@ -71,12 +71,12 @@ def test_commandline_args_env_is_prepended():
 
 def test_ignored_and_unknown_flags_warn_once(caplog):
     with caplog.at_level(logging.WARNING, logger="test-cli"):
-        s = settings("--xformers", "--medvram", "--theme", "dark", "--enable-insecure-extension-access",
+        s = settings("--xformers", "--lowram", "--theme", "dark", "--enable-insecure-extension-access",
                      "--made-up-flag", "--other=3", "--port", "7000")
     assert s.port == 7000
     warnings = [r.getMessage() for r in caplog.records if r.name == "test-cli"]
     assert len(warnings) == 1
-    for flag in ("--xformers", "--medvram", "--theme", "--enable-insecure-extension-access", "--made-up-flag",
+    for flag in ("--xformers", "--lowram", "--theme", "--enable-insecure-extension-access", "--made-up-flag",
                  "--other"):
         assert flag in warnings[0]
     assert "dark" not in warnings[0]

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from sdserver.engine.devices import cpu_has_native_bf16, pick_device, pick_dtype
+from sdserver.engine.offload import Offload, offload_mode
 from sdserver.engine.refiner import (
     ModelSlot, refined_img2img, refined_txt2img, refiner_job, refiner_route, resolve_refiner,
 )
@@ -278,10 +279,13 @@ def create_engine(settings: Settings) -> LocalEngine:
     dtype = pick_dtype(device, settings.precision, settings.no_half, cpu_has_native_bf16())
     dirs = checkpoint_dirs(settings)
     root = models_dir(settings)
+    offload = Offload(offload_mode(
+        device, medvram=settings.medvram, lowvram=settings.lowvram, medvram_sdxl=settings.medvram_sdxl), device)
     manager = ModelManager(
         dirs, fallback_checkpoint(settings, dirs), settings.data_dir / "cache.json", device, dtype,
         hashing=not settings.no_hashing, vae_dirs=[settings.vae_dir or root / "VAE"],
         vae_dtype=torch.float32 if settings.no_half_vae else None, vae_path=settings.vae_path,
+        storage_device=offload.storage_device, prepare_model=offload.prepare,
     )
     libraries = Libraries(
         upscalers=UpscalerRegistry(upscaler_dirs(settings)),

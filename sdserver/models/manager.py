@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,9 @@ class ModelManager:
     every file while scanning instead, `hashing=False` never hashes (A1111's --no-hashing). `vae_dirs` are
     the folders of separate VAE files (`set_vae`), `vae_dtype` the VAE's dtype when it differs from `dtype`
     (A1111's --no-half-vae); `prediction_overrides` maps checkpoint names to "eps"/"v". `vae_path` (A1111's
-    --vae-path) is the VAE of every checkpoint, whatever `sd_vae` says.
+    --vae-path) is the VAE of every checkpoint, whatever `sd_vae` says. `storage_device` is where weights are
+    built when it isn't `device` (system memory, for --medvram/--lowvram), and `prepare_model` is called with a
+    model each time it becomes current or gets another VAE (the engine's offload hooks).
     """
 
     def __init__(
@@ -87,6 +90,8 @@ class ModelManager:
         vae_dirs: list[Path] | None = None,
         vae_dtype: torch.dtype | None = None,
         vae_path: Path | None = None,
+        storage_device: torch.device | None = None,
+        prepare_model: Callable[[SDModel], None] | None = None,
     ) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
@@ -106,6 +111,8 @@ class ModelManager:
         self.vae_dirs = [Path(d) for d in vae_dirs or []]
         self.vae_dtype = vae_dtype or dtype
         self.vae_path = Path(vae_path) if vae_path is not None else None
+        self.storage_device = torch.device(storage_device) if storage_device is not None else self.device
+        self._prepare_model = prepare_model
         self._vae_choice = AUTOMATIC  # A1111's default `sd_vae`
         self._loaded: OrderedDict[str, _Entry] = OrderedDict()  # filename → entry
         self._current: str | None = None
@@ -200,6 +207,8 @@ class ModelManager:
             evicted = self._evict_beyond_limit()
         if evicted:
             release_memory()
+        if self._prepare_model is not None:
+            self._prepare_model(entry.model)
 
     def _evict_beyond_limit(self) -> bool:
         """Drop the least recently used models beyond `limit` (the current one is the most recent); under the lock."""
@@ -228,7 +237,7 @@ class ModelManager:
             return load_checkpoint(
                 path,
                 self.dtype,
-                self.device,
+                self.storage_device,
                 self._get_tokenizer(),
                 config=config,
                 prediction_type=override,
@@ -320,6 +329,8 @@ class ModelManager:
             with self._lock:
                 if entry.info.filename in self._loaded:
                     self._loaded[entry.info.filename] = entry
+            if self._prepare_model is not None:
+                self._prepare_model(entry.model)
         self._vae_choice = choice
         return entry.vae if entry else None
 
@@ -332,6 +343,6 @@ class ModelManager:
             return dataclasses.replace(entry, vae=None)
         if entry.vae is not None and entry.vae.filename == str(path):
             return entry
-        entry.model.vae = load_vae(path, entry.model.spec.vae, self.vae_dtype, self.device)
+        entry.model.vae = load_vae(path, entry.model.spec.vae, self.vae_dtype, self.storage_device)
         sha = cached_sha256(path, f"vae/{path.name}", self._cache) if self._hashing else None
         return dataclasses.replace(entry, vae=VaeInfo(path.name, str(path), sha[:10] if sha else None, sha))
