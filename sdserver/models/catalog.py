@@ -90,11 +90,12 @@ def _folder_sha256(folder: Path, key: str, cache: HashCache | None, *, compute: 
     except ModelLoadError:
         return None  # listed unhashed; loading it reports what is missing
     parts = []
-    for component, path in files.items():
-        sha = cached_sha256(path, f"{key}/{component}", cache, compute=compute)
-        if sha is None:
-            return None
-        parts.append(sha)
+    for component, paths in files.items():
+        for path in paths:
+            sha = cached_sha256(path, f"{key}/{component}/{path.name}", cache, compute=compute)
+            if sha is None:
+                return None
+            parts.append(sha)
     return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 

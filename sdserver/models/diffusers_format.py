@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
+from typing import TypeVar
 
 import torch
 
@@ -35,6 +36,7 @@ WEIGHT_NAMES = (
     "diffusion_pytorch_model.fp16.safetensors",
     "model.fp16.safetensors",
 )
+V = TypeVar("V")
 _MODELSPEC_KEY = "modelspec.prediction_type"  # what `prediction.declared_prediction` reads
 
 UNET_PREFIX = "model.diffusion_model."
@@ -82,19 +84,36 @@ def is_diffusers_folder(path: Path) -> bool:
     return path.is_dir() and (path / MODEL_INDEX).is_file() and (path / UNET).is_dir()
 
 
-def weight_files(folder: Path) -> dict[str, Path]:
-    """{component: its weights file} of a diffusers folder; ModelLoadError naming what is missing."""
+def weight_files(folder: Path) -> dict[str, tuple[Path, ...]]:
+    """{component: its weights files} of a diffusers folder (several when saved in shards, listed by a
+    `<weights name>.index.json`); ModelLoadError naming what is missing."""
     folder = Path(folder)
-    found: dict[str, Path] = {}
+    found: dict[str, tuple[Path, ...]] = {}
     for component in (*REQUIRED, TEXT_ENCODER_2):
-        sub = folder / component
-        path = next((sub / name for name in WEIGHT_NAMES if (sub / name).is_file()), None)
-        if path is not None:
-            found[component] = path
+        files = _component_files(folder / component)
+        if files:
+            found[component] = files
         elif component in REQUIRED:
             names = " or ".join(WEIGHT_NAMES[:2])
             raise ModelLoadError(f"{folder}: diffusers folder without {component}/{names}")
     return found
+
+
+def _component_files(sub: Path) -> tuple[Path, ...]:
+    for name in WEIGHT_NAMES:
+        if (sub / name).is_file():
+            return (sub / name,)
+        index = sub / f"{name}.index.json"
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ModelLoadError(f"{index}: no weight_map")
+            shards = tuple(dict.fromkeys(sub / str(shard) for shard in weight_map.values()))
+            missing = [p.name for p in shards if not p.is_file() or p.parent != sub]
+            if missing:
+                raise ModelLoadError(f"{index}: missing shards {missing}")
+            return shards
+    return ()
 
 
 def _read_json(path: Path) -> dict[str, object]:
@@ -250,12 +269,19 @@ def to_original(components: Mapping[str, Mapping[str, torch.Tensor]], layout: st
     return state
 
 
+def _merged(parts: Iterable[Mapping[str, V]]) -> dict[str, V]:
+    merged: dict[str, V] = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
 def original_state_dict(
     folder: Path, load: Callable[[Path], Mapping[str, torch.Tensor]]
 ) -> dict[str, torch.Tensor]:
     """Every tensor of a diffusers folder under its original single-file name; `load` reads one weights file."""
     files = weight_files(folder)
-    components = {name: load(path) for name, path in files.items()}
+    components = {name: _merged(load(path) for path in paths) for name, paths in files.items()}
     return to_original(components, text_layout(folder, files))
 
 
@@ -265,7 +291,7 @@ def original_shapes(
     """`original_state_dict`'s shapes, renamed through meta tensors so no data is read."""
     files = weight_files(folder)
     components = {
-        name: {k: torch.empty(shape, device="meta") for k, shape in read_shapes(path).items()}
-        for name, path in files.items()
+        name: {k: torch.empty(shape, device="meta") for k, shape in _merged(read_shapes(p) for p in paths).items()}
+        for name, paths in files.items()
     }
     return {k: tuple(v.shape) for k, v in to_original(components, text_layout(folder, files)).items()}

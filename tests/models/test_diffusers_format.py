@@ -302,3 +302,33 @@ def test_released_sizes_map_every_name(family: str) -> None:
         layout, want = "sdxl", {k: v for k, v in state.items() if not k.endswith("logit_scale")}
     got = to_original(components, layout)
     assert {k: tuple(v.shape) for k, v in got.items()} == {k: tuple(v.shape) for k, v in want.items()}
+
+
+def test_sharded_weights_are_read_through_their_index(sd1_state, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder = sd1_folder(sd1_state, tmp_path / "sharded")
+    whole = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_state_dict(whole)
+    names = sorted(tensors)
+    halves = {"diffusion_pytorch_model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for shard, keys in halves.items():
+        save_file({k: tensors[k].contiguous() for k in keys}, str(folder / "unet" / shard))
+    whole.unlink()
+    weight_map = {k: shard for shard, keys in halves.items() for k in keys}
+    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert_same_tensors(load_state_dict(folder), sd1_state)
+    assert catalog.hash_info(catalog.make_info(folder, tmp_path), None).sha256 is not None
+    (folder / "unet" / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="missing shards"):
+        read_shapes(folder)
+
+
+def test_a_folder_given_directly_is_the_default_checkpoint(sd1_state, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "models" / "Stable-diffusion"
+    save_checkpoint(sd1_state, root / "a.safetensors")
+    folder = sd1_folder(sd1_state, tmp_path / "elsewhere" / "given")
+    manager = ModelManager([root], folder, tmp_path / "cache.json", torch.device("cpu"), torch.float32,
+                           hashing=False)
+    assert [i.name for i in manager.checkpoints()] == ["given", "a.safetensors"]
+    assert manager.default_checkpoint().filename == str(folder)
