@@ -9,7 +9,6 @@ stays current until the new one is fully built, so a failed load changes nothing
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import dataclasses
 import gc
 import threading
@@ -36,12 +35,9 @@ __all__ = ["ModelManager", "free_memory", "load_checkpoint", "release_memory", "
 
 def _trim_malloc() -> None:
     """Give freed heap pages back to the OS. glibc keeps large freed arenas mapped, so without this a process
-    that dropped a multi-GB model still shows it resident; other C libraries have no such call and are skipped."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
+    that dropped a multi-GB model still shows it resident; C libraries without `malloc_trim` are skipped."""
     try:
-        trim = ctypes.CDLL(name).malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim  # the symbols already loaded into the process: its C library's
     except (OSError, AttributeError):
         return
     trim.argtypes = [ctypes.c_size_t]
