@@ -233,8 +233,12 @@ def refined_txt2img(job: RefinerJob, request: GenerationRequest, control: JobCon
             family=schedule_family(base),
         )
         x = run.initial_latent(rng.next(), sampling_plan, sgm_noise_multiplier=params.sgm_noise_multiplier)
+
+        def image_cond_for(model: SDModel, count: int = len(prompts)) -> torch.Tensor | None:
+            return txt2img_image_conditioning(model, count, request.width, request.height) if model.is_inpainting else None
+
         denoiser = job.denoiser(request, prompts, negatives, request.width, request.height, params.steps,
-                                lambda _m: None, lambda _m, cfg: cfg)
+                                image_cond_for, lambda _m, cfg: cfg)
         result = run_sampler(params, sampling_plan, x, rng, denoiser, control, _preview(denoiser, request))
         with torch.no_grad():
             decoded = tensor_to_pil(denoiser.model.decode_latent(result.latents))
@@ -244,6 +248,13 @@ def refined_txt2img(job: RefinerJob, request: GenerationRequest, control: JobCon
         if result.stopped == "interrupted":
             return images, True
     return images, False
+
+
+def txt2img_image_conditioning(model: SDModel, count: int, width: int, height: int) -> torch.Tensor:
+    """What an inpainting model is given in txt2img (A1111's txt2img_image_conditioning): everything masked
+    over a mid-grey image (0 in [-1, 1])."""
+    latent_hw = (height // model.latent_scale, width // model.latent_scale)
+    return inpainting_conditioning(model, torch.zeros(count, 3, height, width), None, 1.0, latent_hw)
 
 
 def refined_img2img(
@@ -342,14 +353,16 @@ def resolve_refiner(manager: Checkpoints, request: GenerationRequest) -> Checkpo
 def refiner_route(model: SDModel, base: CheckpointInfo, refiner: CheckpointInfo | None,
                   request: GenerationRequest) -> tuple[bool, CheckpointInfo | None]:
     """(whether the request runs here, the refiner to switch to). Requests that switch models run here, and so
-    does any request whose own model is an SDXL refiner (its vector differs from the base's); a refiner that
-    is the loaded model itself never switches, as in A1111."""
+    do those whose own model the plain pipeline can't drive: an SDXL refiner (its vector differs from the
+    base's), and an inpainting model in txt2img (it needs its masked-image channels). A refiner that is the
+    loaded model itself never switches, as in A1111."""
     if refiner is not None and refiner.filename == base.filename:
         refiner = None
     if is_refiner(model.spec) and request.hires is not None:
         raise UnsupportedFeature("enable_hr: the hires fix does not run on an SDXL refiner model yet",
                                  field="enable_hr")
-    return refiner is not None or is_refiner(model.spec), refiner
+    inpainting_txt2img = model.is_inpainting and not request.is_img2img and request.hires is None
+    return refiner is not None or is_refiner(model.spec) or inpainting_txt2img, refiner
 
 
 def refiner_use(info: CheckpointInfo, params: RefinerParams) -> RefinerUse:

@@ -164,3 +164,25 @@ def test_img2img_and_sdxl_inpainting_switch_too(ckpt_dir: Path, tmp_path: Path, 
     assert inpainted.is_using_inpainting_conditioning and inpainted.images[0].image.size == (64, 64)
     # Outside the mask the input comes back (A1111's overlay of the original).
     assert inpainted.images[0].image.getpixel((2, 2)) == (200, 40, 40)
+
+
+def test_txt2img_on_an_sdxl_inpainting_model_masks_everything(ckpt_dir: Path, tmp_path: Path, control) -> None:  # type: ignore[no-untyped-def]
+    engine = make_engine(ckpt_dir, tmp_path, limit=3)
+    calls = record_unet_calls(engine, ["sub/refiner.safetensors", "inpaint.safetensors"])
+    plain = engine.generate(replace(REQUEST, checkpoint="inpaint"), control)
+    assert calls == ["inpaint.safetensors"] * 10 and plain.images[0].image.size == (64, 64)
+    calls.clear()
+    refined = engine.generate(replace(REQUEST, checkpoint="inpaint", refiner=RefinerParams("refiner", 0.5)), control)
+    assert calls == ["inpaint.safetensors"] * 5 + ["sub/refiner.safetensors"] * 5 and refined.refiner is not None
+
+
+def test_txt2img_image_conditioning_is_a_full_mask_over_grey(tmp_path: Path) -> None:
+    from sdserver.engine.refiner import txt2img_image_conditioning
+    from sdserver.models.loader import load_checkpoint
+    from sdserver.models.tokenizer import CLIPTokenizer
+
+    model = load_checkpoint(save_checkpoint(random_state_dict("sdxl", tiny_sdxl_configs(inpainting=True), seed=3),
+                                            tmp_path / "i.safetensors"), torch.float32, "cpu", CLIPTokenizer.load())
+    cond = txt2img_image_conditioning(model, 2, 64, 32)
+    assert cond.shape == (2, 5, 4, 8) and torch.equal(cond[:, 0], torch.ones(2, 4, 8))
+    torch.testing.assert_close(cond[:, 1:], model.encode_image(torch.zeros(2, 3, 32, 64)))
