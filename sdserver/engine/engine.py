@@ -14,7 +14,7 @@ from PIL import Image
 from sdserver.engine.devices import cpu_has_native_bf16, pick_device, pick_dtype
 from sdserver.engine.offload import Offload, offload_mode
 from sdserver.engine.refiner import (
-    ModelSlot, refined_img2img, refined_txt2img, refiner_job, refiner_route, resolve_refiner,
+    ModelSlot, refined_hires, refined_img2img, refined_txt2img, refiner_job, refiner_route, resolve_refiner,
 )
 from sdserver.engine.types import (
     CheckpointInfo, GeneratedImage, GenerationRequest, GenerationResult, JobControl, RefinerUse,
@@ -172,9 +172,11 @@ class LocalEngine:
                          lambda other: seamless(other, request.tiling)) as job:
             if request.is_img2img:
                 images, interrupted = refined_img2img(job, request, control, request.inpainting_mask_weight)
+            elif request.hires is not None:
+                images, interrupted = refined_hires(job, request, control, self.pixel_upscale)
             else:
                 images, interrupted = refined_txt2img(job, request, control)
-        return images, interrupted, job.use()
+        return images, interrupted, job.use(hires=request.hires is not None)
 
     def _hires(
         self, model: SDModel, info: CheckpointInfo, request: GenerationRequest, control: JobControl,

@@ -25,14 +25,16 @@ from typing import Callable, ContextManager, Iterator, Protocol
 import torch
 
 from sdserver.engine.types import (
-    CheckpointInfo, GeneratedImage, GenerationRequest, JobControl, RefinerParams, RefinerUse,
+    HIRES_FIRST_PASS, HIRES_SECOND_PASS, CheckpointInfo, GeneratedImage, GenerationRequest, JobControl,
+    RefinerParams, RefinerUse, SamplingParams,
 )
 from sdserver.errors import InvalidRequest, ModelNotFound, UnsupportedFeature
 from sdserver.models.family_sdxl import is_refiner, refiner_vector
 from sdserver.models.sd_model import SDModel
 from sdserver.pipeline.cfg import CFGDenoiser, Guidance
 from sdserver.pipeline.conditioning import TextEncoderCache, map_text_conditioning, zeroed
-from sdserver.pipeline.denoise import guided_denoiser, make_rng, run_sampler
+from sdserver.pipeline.denoise import PassResult, guided_denoiser, make_rng, run_sampler
+from sdserver.pipeline.hires import PixelUpscale, hires_target, second_pass_sampling, upscale_first_pass
 from sdserver.pipeline.extra_networks import parse_extra_networks
 from sdserver.pipeline.image_ops import finish_img2img_image
 from sdserver.pipeline.images import pil_to_tensor, preview_function, tensor_to_pil
@@ -40,7 +42,7 @@ from sdserver.pipeline.img2img import (
     MaskedDenoiser, encode_images, fill_latent, inpainting_conditioning, make_latent_mask, prepare_pixels,
 )
 from sdserver.pipeline.prompt_parser import strip_comments
-from sdserver.pipeline.txt2img import guidance_for, plan_batches, schedule_steps, vector_conditioning
+from sdserver.pipeline.txt2img import BatchPlan, guidance_for, plan_batches, schedule_steps, vector_conditioning
 from sdserver.sampling import run
 from sdserver.sampling.discrete import DiscreteSchedule
 from sdserver.sampling.registry import SAMPLERS
@@ -144,12 +146,15 @@ def refiner_guidance(
 
 def model_denoiser(
     slot: ModelSlot, request: GenerationRequest, prompts: tuple[str, ...], negatives: tuple[str, ...],
-    width: int, height: int, image_cond: torch.Tensor | None,
+    width: int, height: int, image_cond: torch.Tensor | None, params: SamplingParams | None = None,
+    hires_steps: int | None = None,
 ) -> CFGDenoiser:
-    """The guided denoiser of one model for one batch, with that model's own conditioning."""
-    params = request.sampling
+    """The guided denoiser of one model for one batch of a pass, with that model's own conditioning. `params`
+    and `hires_steps` are the hires pass's (None: the request's first pass)."""
+    params = params or request.sampling
     guidance = guidance_for(
-        slot.cache, prompts, negatives, schedule_steps(request), params.cfg_scale, params.s_min_uncond, image_cond
+        slot.cache, prompts, negatives, schedule_steps(request), params.cfg_scale, params.s_min_uncond, image_cond,
+        hires_steps=hires_steps,
     )
     if is_refiner(slot.model.spec):
         guidance = refiner_guidance(
@@ -178,11 +183,11 @@ class RefinerJob:
     refiner_info: CheckpointInfo | None = None  # as loaded (hashed by then)
     used: bool = False
 
-    def use(self) -> RefinerUse | None:
+    def use(self, hires: bool = False) -> RefinerUse | None:
         """What the infotext reports: the refiner, when sampling switched to it."""
         if not self.used or self.refiner_info is None or self.params is None:
             return None
-        return refiner_use(self.refiner_info, self.params)
+        return refiner_use(self.refiner_info, self.params, hires)
 
     def refiner_slot(self) -> ModelSlot:
         if self.refiner is None:
@@ -191,63 +196,152 @@ class RefinerJob:
         self.used = True
         return self.refiner
 
-    def rule(self, request: GenerationRequest, steps: int) -> SwitchRule | None:
+    def rule(self, params: SamplingParams, steps: int) -> SwitchRule | None:
         if self.params is None or self.load is None:
             return None
-        calls = steps * (2 if SAMPLERS[request.sampling.sampler].second_order else 1)
+        calls = steps * (2 if SAMPLERS[params.sampler].second_order else 1)
         return SwitchRule(self.params.switch_at, self.params.by_sampling_steps, calls)
 
     def denoiser(
         self, request: GenerationRequest, prompts: tuple[str, ...], negatives: tuple[str, ...], width: int,
         height: int, steps: int, image_cond_for: Callable[[SDModel], torch.Tensor | None],
-        wrap: Callable[[SDModel, CFGDenoiser], Denoiser],
+        wrap: Callable[[SDModel, CFGDenoiser], Denoiser], *, start: ModelSlot | None = None,
+        allow_switch: bool = True, params: SamplingParams | None = None, hires_steps: int | None = None,
     ) -> SwitchingDenoiser:
-        base = self.base.model
-        first = wrap(base, model_denoiser(self.base, request, prompts, negatives, width, height, image_cond_for(base)))
+        """A pass's denoiser starting on `start` (default the base); it may switch to the refiner when
+        `allow_switch` and it does not start there already."""
+        slot = start or self.base
+
+        def build(on: ModelSlot) -> CFGDenoiser:
+            cond = image_cond_for(on.model)
+            return model_denoiser(on, request, prompts, negatives, width, height, cond, params, hires_steps)
 
         def switch(calls: int) -> tuple[SDModel, Denoiser]:
-            slot = self.refiner_slot()
-            cfg = model_denoiser(slot, request, prompts, negatives, width, height, image_cond_for(slot.model))
+            on = self.refiner_slot()
+            cfg = build(on)
             cfg.step = calls  # the prompt schedule goes on where the base left it
-            return slot.model, wrap(slot.model, cfg)
+            return on.model, wrap(on.model, cfg)
 
-        return SwitchingDenoiser(first, base, self.rule(request, steps), switch)
+        on_refiner = self.refiner is not None and slot is self.refiner
+        rule = self.rule(params or request.sampling, steps) if allow_switch and not on_refiner else None
+        return SwitchingDenoiser(wrap(slot.model, build(slot)), slot.model, rule, switch)
+
+
+def _txt2img_batch(
+    job: RefinerJob, request: GenerationRequest, plan: BatchPlan, index: int, control: JobControl,
+    allow_switch: bool = True,
+) -> tuple[PassResult, SwitchingDenoiser]:
+    """One batch's txt2img sampling (phases 2-4 of sdserver.pipeline.txt2img), starting on the base."""
+    params = request.sampling
+    base = job.base.model
+    part = plan.batch(index)
+    prompts, negatives = plan.prompts[part], plan.negative_prompts[part]
+    shape = (base.latent_channels, request.height // base.latent_scale, request.width // base.latent_scale)
+    rng = make_rng(request.seeds, list(plan.seeds[part]), list(plan.subseeds[part]), shape, base.device)
+    sampling_plan = run.plan_txt2img(
+        params.sampler, params.scheduler, params.steps, DiscreteSchedule(base.alphas_cumprod),
+        sigma_min=params.sigma_min, sigma_max=params.sigma_max, rho=params.rho,
+        always_discard_next_to_last_sigma=params.always_discard_next_to_last_sigma,
+        family=schedule_family(base),
+    )
+    x = run.initial_latent(rng.next(), sampling_plan, sgm_noise_multiplier=params.sgm_noise_multiplier)
+
+    def image_cond_for(model: SDModel) -> torch.Tensor | None:
+        if not model.is_inpainting:
+            return None
+        return txt2img_image_conditioning(model, len(prompts), request.width, request.height)
+
+    denoiser = job.denoiser(request, prompts, negatives, request.width, request.height, params.steps,
+                            image_cond_for, lambda _m, cfg: cfg, allow_switch=allow_switch)
+    return run_sampler(params, sampling_plan, x, rng, denoiser, control, _preview(denoiser, request)), denoiser
+
+
+def _images(model: SDModel, latents: torch.Tensor, plan: BatchPlan, index: int) -> list[GeneratedImage]:
+    with torch.no_grad():
+        decoded = tensor_to_pil(model.decode_latent(latents))
+    start = plan.batch(index).start
+    return [
+        GeneratedImage(picture, plan.seeds[i], plan.subseeds[i], plan.prompts[i], plan.negative_prompts[i])
+        for i, picture in enumerate(decoded, start)
+    ]
 
 
 def refined_txt2img(job: RefinerJob, request: GenerationRequest, control: JobControl) -> tuple[list[GeneratedImage], bool]:
-    """txt2img's batches through `job` (A1111's phases, as sdserver.pipeline.txt2img runs them)."""
-    params = request.sampling
+    """txt2img's batches through `job`; each image is decoded by the model its sampling ended on."""
     plan = plan_batches(request)
     images: list[GeneratedImage] = []
     for index in range(request.n_iter):
-        control.begin_pass(index, request.n_iter, params.steps)
-        base = job.base.model
-        part = plan.batch(index)
-        prompts, negatives = plan.prompts[part], plan.negative_prompts[part]
-        shape = (base.latent_channels, request.height // base.latent_scale, request.width // base.latent_scale)
-        rng = make_rng(request.seeds, list(plan.seeds[part]), list(plan.subseeds[part]), shape, base.device)
-        sampling_plan = run.plan_txt2img(
-            params.sampler, params.scheduler, params.steps, DiscreteSchedule(base.alphas_cumprod),
-            sigma_min=params.sigma_min, sigma_max=params.sigma_max, rho=params.rho,
-            always_discard_next_to_last_sigma=params.always_discard_next_to_last_sigma,
-            family=schedule_family(base),
-        )
-        x = run.initial_latent(rng.next(), sampling_plan, sgm_noise_multiplier=params.sgm_noise_multiplier)
-
-        def image_cond_for(model: SDModel, count: int = len(prompts)) -> torch.Tensor | None:
-            return txt2img_image_conditioning(model, count, request.width, request.height) if model.is_inpainting else None
-
-        denoiser = job.denoiser(request, prompts, negatives, request.width, request.height, params.steps,
-                                image_cond_for, lambda _m, cfg: cfg)
-        result = run_sampler(params, sampling_plan, x, rng, denoiser, control, _preview(denoiser, request))
-        with torch.no_grad():
-            decoded = tensor_to_pil(denoiser.model.decode_latent(result.latents))
-        for k, picture in enumerate(decoded):
-            i = part.start + k
-            images.append(GeneratedImage(picture, plan.seeds[i], plan.subseeds[i], plan.prompts[i], plan.negative_prompts[i]))
+        control.begin_pass(index, request.n_iter, request.sampling.steps)
+        result, denoiser = _txt2img_batch(job, request, plan, index, control)
+        images += _images(denoiser.model, result.latents, plan, index)
         if result.stopped == "interrupted":
             return images, True
     return images, False
+
+
+def refined_hires(
+    job: RefinerJob, request: GenerationRequest, control: JobControl, pixel_upscale: PixelUpscale
+) -> tuple[list[GeneratedImage], bool]:
+    """The hires fix through `job` (sdserver.pipeline.hires's passes). A1111's hires_fix_refiner_pass picks
+    the pass(es) the switch may happen in; a second pass starts on whichever model the first ended on."""
+    hires = request.hires
+    assert hires is not None
+    which = job.params.hires_pass if job.params is not None else HIRES_SECOND_PASS
+    plan = plan_batches(request)
+    target = hires_target(request.width, request.height, hires)
+    params2 = second_pass_sampling(request.sampling, hires)
+    images: list[GeneratedImage] = []
+    passes = request.n_iter * 2  # A1111 counts both passes of every batch as jobs
+    for index in range(request.n_iter):
+        control.begin_pass(index * 2, passes, request.sampling.steps)
+        result, first = _txt2img_batch(job, request, plan, index, control, allow_switch=which != HIRES_SECOND_PASS)
+        latents, stopped, model = result.latents, result.stopped, first.model
+        if stopped != "interrupted":
+            control.begin_pass(index * 2 + 1, passes, params2.steps)
+            start = job.refiner if first.switched_at is not None and job.refiner is not None else job.base
+            latents, stopped, model = _hires_batch(
+                job, start, request, params2, plan, index, control, latents, target, pixel_upscale,
+                allow_switch=which != HIRES_FIRST_PASS,
+            )
+        images += _images(model, latents, plan, index)
+        if stopped == "interrupted":
+            return images, True
+    return images, False
+
+
+def _hires_batch(  # type: ignore[no-untyped-def]
+    job: RefinerJob, slot: ModelSlot, request: GenerationRequest, params2: SamplingParams, plan: BatchPlan,
+    index: int, control: JobControl, latents: torch.Tensor, target, pixel_upscale: PixelUpscale, allow_switch: bool,
+) -> tuple[torch.Tensor, str | None, SDModel]:
+    """One batch's hires pass (sdserver.pipeline.hires.second_pass) starting on `slot`."""
+    hires = request.hires
+    assert hires is not None
+    model = slot.model
+    part = plan.batch(index)
+    init = upscale_first_pass(model, model, latents, target, hires.upscaler, pixel_upscale)
+    h, w = init.shape[-2:]
+    rng = make_rng(request.seeds, list(plan.seeds[part]), list(plan.subseeds[part]), (init.shape[1], h, w), model.device)
+    sampling_plan = run.plan_img2img(
+        params2.sampler, params2.scheduler, params2.steps, hires.denoising_strength,
+        DiscreteSchedule(model.alphas_cumprod), fix_steps=True, sigma_min=params2.sigma_min,
+        sigma_max=params2.sigma_max, rho=params2.rho,
+        always_discard_next_to_last_sigma=params2.always_discard_next_to_last_sigma, family=schedule_family(model),
+    )
+    x = run.noised_latent(init, rng.next(), sampling_plan)
+    prompts = (hires.prompt,) * len(plan.prompts[part]) if hires.prompt else plan.prompts[part]
+    negatives = (hires.negative_prompt,) * len(prompts) if hires.negative_prompt else plan.negative_prompts[part]
+    steps2 = params2.steps * (2 if SAMPLERS[params2.sampler].second_order else 1)
+    width, height = w * model.latent_scale, h * model.latent_scale
+
+    def image_cond_for(on: SDModel) -> torch.Tensor | None:
+        # A1111's hires pass hands inpainting models the whole upscaled image masked, i.e. grey.
+        return txt2img_image_conditioning(on, len(prompts), width, height) if on.is_inpainting else None
+
+    denoiser = job.denoiser(request, prompts, negatives, width, height, sampling_plan.steps, image_cond_for,
+                            lambda _m, cfg: cfg, start=slot, allow_switch=allow_switch, params=params2,
+                            hires_steps=steps2)
+    result = run_sampler(params2, sampling_plan, x, rng, denoiser, control, _preview(denoiser, request))
+    return result.latents, result.stopped, denoiser.model
 
 
 def txt2img_image_conditioning(model: SDModel, count: int, width: int, height: int) -> torch.Tensor:
@@ -342,10 +436,10 @@ def resolve_refiner(manager: Checkpoints, request: GenerationRequest) -> Checkpo
         raise InvalidRequest(
             f"Could not find checkpoint with name {params.checkpoint}", field="refiner_checkpoint"
         ) from None
-    if request.hires is not None:
+    if request.hires is not None and request.hires.checkpoint is not None:
         raise UnsupportedFeature(
-            "refiner_checkpoint: the refiner together with the hires fix is not supported yet",
-            field="refiner_checkpoint",
+            "hr_checkpoint_name: a hires checkpoint together with a refiner is not supported yet",
+            field="hr_checkpoint_name",
         )
     return info
 
@@ -358,15 +452,19 @@ def refiner_route(model: SDModel, base: CheckpointInfo, refiner: CheckpointInfo 
     loaded model itself never switches, as in A1111."""
     if refiner is not None and refiner.filename == base.filename:
         refiner = None
-    if is_refiner(model.spec) and request.hires is not None:
-        raise UnsupportedFeature("enable_hr: the hires fix does not run on an SDXL refiner model yet",
-                                 field="enable_hr")
-    inpainting_txt2img = model.is_inpainting and not request.is_img2img and request.hires is None
+    if is_refiner(model.spec) and request.hires is not None and request.hires.checkpoint is not None:
+        raise UnsupportedFeature("hr_checkpoint_name: a hires checkpoint after an SDXL refiner model is not "
+                                 "supported yet", field="hr_checkpoint_name")
+    inpainting_txt2img = model.is_inpainting and not request.is_img2img and (
+        request.hires is None or request.hires.checkpoint is None
+    )
     return refiner is not None or is_refiner(model.spec) or inpainting_txt2img, refiner
 
 
-def refiner_use(info: CheckpointInfo, params: RefinerParams) -> RefinerUse:
-    return RefinerUse(Path(info.filename).stem, info.hash, params.switch_at, params.by_sampling_steps)
+def refiner_use(info: CheckpointInfo, params: RefinerParams, hires: bool = False) -> RefinerUse:
+    # A1111 notes the hires pass option only when it isn't its default.
+    hires_pass = params.hires_pass if hires and params.hires_pass != HIRES_SECOND_PASS else None
+    return RefinerUse(Path(info.filename).stem, info.hash, params.switch_at, params.by_sampling_steps, hires_pass)
 
 
 @contextlib.contextmanager

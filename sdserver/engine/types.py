@@ -80,6 +80,9 @@ class InpaintParams:
     mask_round: bool = True
 
 
+HIRES_FIRST_PASS, HIRES_SECOND_PASS, HIRES_BOTH_PASSES = "first pass", "second pass", "both passes"
+
+
 @dataclass(frozen=True)
 class RefinerParams:
     """Sampling moves to another checkpoint part-way (A1111's refiner)."""
@@ -89,6 +92,8 @@ class RefinerParams:
     switch_at: float | None = 0.8
     # Count denoiser calls instead of reading the noise level (A1111's refiner_switch_by_sample_steps).
     by_sampling_steps: bool = False
+    # With the hires fix, the pass(es) the switch may happen in (A1111's hires_fix_refiner_pass).
+    hires_pass: str = HIRES_SECOND_PASS
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ class RefinerUse:
     hash: str | None
     switch_at: float | None
     by_sampling_steps: bool = False
+    hires_pass: str | None = None  # set when a hires job switched under a non-default hires_pass
 
 
 @dataclass(frozen=True)

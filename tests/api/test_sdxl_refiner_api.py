@@ -88,3 +88,14 @@ def test_sdxl_inpainting_over_img2img_with_the_refiner(client: TestClient) -> No
     assert "Refiner: xl_refiner" in info["infotexts"][0] and "Conditional mask weight: 1.0" in info["infotexts"][0]
     image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
     assert image.size == (64, 64) and image.convert("RGB").getpixel((1, 1)) == (30, 160, 60)
+
+
+def test_hires_fix_with_the_refiner_in_the_second_pass(client: TestClient) -> None:
+    body = {**BODY, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 3,
+            "denoising_strength": 0.5, "refiner_checkpoint": "xl_refiner", "refiner_switch_at": 0.5}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert "Refiner: xl_refiner" in info["infotexts"][0] and "Hires refiner" not in info["infotexts"][0]
+    image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    assert image.size == (96, 96)

@@ -120,11 +120,42 @@ def test_unknown_refiner_is_a_422_before_anything_runs(ckpt_dir: Path, tmp_path:
     assert control.steps == [] and engine.current_checkpoint() is None
 
 
-def test_refiner_with_hires_is_refused_naming_the_field(ckpt_dir: Path, tmp_path: Path, control) -> None:  # type: ignore[no-untyped-def]
+def test_refiner_with_a_hires_checkpoint_is_refused_naming_the_field(ckpt_dir: Path, tmp_path: Path, control) -> None:  # type: ignore[no-untyped-def]
     engine = make_engine(ckpt_dir, tmp_path)
+    hires = HiresParams(checkpoint="sd1")
     with pytest.raises(UnsupportedFeature) as err:
-        engine.generate(replace(REQUEST, refiner=RefinerParams("refiner", 0.8), hires=HiresParams()), control)
-    assert err.value.field == "refiner_checkpoint"
+        engine.generate(replace(REQUEST, refiner=RefinerParams("refiner", 0.8), hires=hires), control)
+    assert err.value.field == "hr_checkpoint_name" and control.steps == []
+
+
+HIRES = HiresParams(scale=1.5, upscaler="Latent", second_pass_steps=4, denoising_strength=0.5)
+
+
+@pytest.mark.parametrize(
+    ("hires_pass", "switch_at", "first", "second"),
+    [
+        # A1111's default: the first pass stays on the base; the hires pass (8-step schedule entered at step 4,
+        # t = 428, 285, 143, 0) reaches 0.8 at t = 143.
+        ("second pass", 0.8, (10, 0), (2, 2)),
+        # Switched in the first pass, the hires pass runs wholly on the refiner.
+        ("first pass", 0.5, (5, 5), (0, 4)),
+        ("both passes", 0.5, (5, 5), (0, 4)),
+    ],
+)
+def test_hires_refiner_pass_option(  # type: ignore[no-untyped-def]
+    ckpt_dir: Path, tmp_path: Path, control, hires_pass: str, switch_at: float, first: tuple[int, int],
+    second: tuple[int, int],
+) -> None:
+    engine = make_engine(ckpt_dir, tmp_path, limit=3)
+    calls = record_unet_calls(engine, ["sub/refiner.safetensors", "base.safetensors"])
+    request = replace(REQUEST, hires=HIRES, refiner=RefinerParams("refiner", switch_at, hires_pass=hires_pass))
+    result = engine.generate(request, control)
+    b, r = "base.safetensors", "sub/refiner.safetensors"
+    assert calls == [b] * first[0] + [r] * first[1] + [b] * second[0] + [r] * second[1]
+    assert result.images[0].image.size == (96, 96) and [p[2] for p in control.passes] == [10, 4]
+    assert result.refiner is not None
+    assert result.refiner.hires_pass == (None if hires_pass == "second pass" else hires_pass)
+    assert engine.current_checkpoint().name == "base.safetensors"  # type: ignore[union-attr]
 
 
 def test_refiner_naming_the_base_never_switches(ckpt_dir: Path, tmp_path: Path, control) -> None:  # type: ignore[no-untyped-def]

@@ -198,6 +198,8 @@ def _refiner_params(result: GenerationResult) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if used.by_sampling_steps:
         out["Refiner switch by sampling steps"] = True
+    if used.hires_pass is not None:
+        out["Hires refiner"] = used.hires_pass
     out["Refiner"] = f"{used.name} [{used.hash}]" if used.hash else used.name
     out["Refiner switch at"] = used.switch_at
     return out

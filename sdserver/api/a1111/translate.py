@@ -22,6 +22,9 @@ from sdserver.api.a1111.options import EMPHASIS_MODES, RANDN_SOURCES, coerce_opt
 from sdserver.api.a1111.schemas import Img2ImgRequest, Txt2ImgRequest, GenerationRequestBase
 from sdserver.api.a1111.styles import PromptStyle
 from sdserver.engine.types import (
+    HIRES_BOTH_PASSES,
+    HIRES_FIRST_PASS,
+    HIRES_SECOND_PASS,
     GenerationRequest,
     GenerationResult,
     HiresParams,
@@ -334,6 +337,7 @@ def _emphasis(opts: Mapping[str, Any]) -> str:
 
 # A1111 treats these refiner_checkpoint values as "no refiner"; sdserver also the hires field's wording.
 _NO_REFINER = ("", "None", "none", "Use same checkpoint")
+_HIRES_REFINER_PASSES = (HIRES_FIRST_PASS, HIRES_SECOND_PASS, HIRES_BOTH_PASSES)
 
 
 def _refiner(req: GenerationRequestBase, opts: Mapping[str, Any]) -> RefinerParams | None:
@@ -343,10 +347,15 @@ def _refiner(req: GenerationRequestBase, opts: Mapping[str, Any]) -> RefinerPara
     switch_at = req.refiner_switch_at
     if switch_at is not None:
         _check_range(switch_at, 0.0, 1.0, "refiner_switch_at")
+    hires_pass = str(opts.get("hires_fix_refiner_pass", HIRES_SECOND_PASS))
+    if hires_pass not in _HIRES_REFINER_PASSES:
+        raise InvalidRequest(f"hires_fix_refiner_pass must be one of {', '.join(_HIRES_REFINER_PASSES)}",
+                             field="override_settings.hires_fix_refiner_pass")
     return RefinerParams(
         checkpoint=str(req.refiner_checkpoint),
         switch_at=None if switch_at is None else float(switch_at),
         by_sampling_steps=bool(opts.get("refiner_switch_by_sample_steps", False)),
+        hires_pass=hires_pass,
     )
 
 

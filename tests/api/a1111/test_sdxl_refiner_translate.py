@@ -77,3 +77,16 @@ def test_infotext_in_the_request_fills_the_refiner(seed_source):
            "Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.7"
     gen = t2i({"infotext": text}, seed_source)
     assert gen.refiner.checkpoint == "sd_xl_refiner_1.0 [7440042bbd]" and gen.refiner.switch_at == 0.7
+
+
+def test_hires_refiner_pass_option(seed_source):
+    options = {**default_options(), "hires_fix_refiner_pass": "both passes"}
+    gen = t2i({"enable_hr": True, "refiner_checkpoint": "r", "refiner_switch_at": 0.5}, seed_source, options)
+    assert gen.refiner.hires_pass == "both passes" and gen.hires is not None
+    assert t2i({"refiner_checkpoint": "r"}, seed_source).refiner.hires_pass == "second pass"
+    with pytest.raises(InvalidRequest) as err:
+        t2i({"refiner_checkpoint": "r"}, seed_source, {**default_options(), "hires_fix_refiner_pass": "third"})
+    assert err.value.field == "override_settings.hires_fix_refiner_pass"
+    params = _params(gen, RefinerUse("r", "0123456789", 0.5, hires_pass="both passes"))
+    keys = list(params)
+    assert params["Hires refiner"] == "both passes" and keys.index("Hires refiner") < keys.index("Refiner")
