@@ -248,14 +248,14 @@ def request_for(case: Case, args: argparse.Namespace) -> Any:
         s_churn=args.s_churn, s_noise=args.s_noise, s_min_uncond=args.s_min_uncond,
     )
     return GenerationRequest(prompt=case.prompt, negative_prompt=case.negative, width=args.size, height=args.size,
-                             seeds=SeedParams(seed=case.seed), sampling=sampling)
+                             batch_size=args.batch_size, seeds=SeedParams(seed=case.seed), sampling=sampling)
 
 
 def run_sdserver(model: Any, case: Case, args: argparse.Namespace) -> np.ndarray:
     from sdserver.pipeline.txt2img import txt2img
 
     images, _ = txt2img(model, request_for(case, args), QuietControl())
-    return np.asarray(images[0].image).astype(np.float64)
+    return np.stack([np.asarray(image.image) for image in images]).astype(np.float64)
 
 
 def conditioning(model: Any, case: Case, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,16 +291,18 @@ def run_a1111(a1111: dict[str, types.ModuleType], model: Any, case: Case, args: 
     sampler = config.constructor(shared.sd_model)
     sampler.config = config
     shape = (4, args.size // 8, args.size // 8)
+    n = args.batch_size
+    seeds = [case.seed + i for i in range(n)]  # A1111's all_seeds without a variation seed
     p = types.SimpleNamespace(
         steps=args.steps, cfg_scale=args.cfg, eta=args.eta, s_min_uncond=args.s_min_uncond, s_churn=args.s_churn,
         s_tmin=0.0, s_tmax=float("inf"), s_noise=args.s_noise, extra_generation_params={},
         sampler_noise_scheduler_override=None, scheduler=SCHEDULER_LABELS[case.scheduler], hr_scheduler=None,
-        is_hr_pass=False, all_seeds=[case.seed], iteration=0, batch_size=1, scripts=None,
+        is_hr_pass=False, all_seeds=seeds, iteration=0, batch_size=n, scripts=None,
         refiner_checkpoint_info=None, refiner_switch_at=None, image_cfg_scale=None, denoising_strength=1.0,
-        rng=a1111["rng"].ImageRNG(shape, [case.seed], subseeds=[0], subseed_strength=0.0),
+        rng=a1111["rng"].ImageRNG(shape, seeds, subseeds=list(range(n)), subseed_strength=0.0),
     )
     x = p.rng.next()
-    cond, uncond = conditioning(model, case, args)
+    cond, uncond = (c.expand(n, -1, -1) for c in conditioning(model, case, args))
     image_cond = x.new_zeros(x.shape[0], 5, 1, 1)
     with contextlib.redirect_stderr(io.StringIO()):  # k-diffusion and UniPC draw progress bars
         if args.mode == "txt2img":
@@ -313,13 +315,13 @@ def run_a1111(a1111: dict[str, types.ModuleType], model: Any, case: Case, args: 
             samples = sampler.sample_img2img(p, init, x, cond, uncond, image_conditioning=image_cond)
             if args.mode == "inpaint":
                 samples = samples * regen + init * keep  # what A1111's img2img does after sampling
-    return np.asarray(decode(model, samples)[0]).astype(np.float64)
+    return np.stack([np.asarray(image) for image in decode(model, samples)]).astype(np.float64)
 
 
 def img2img_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fixed "encoded image" latent and, for inpainting, a latent mask that holds its left half."""
     side = args.size // 8
-    init = torch.randn((1, 4, side, side), generator=torch.Generator().manual_seed(7))
+    init = torch.randn((1, 4, side, side), generator=torch.Generator().manual_seed(7)).expand(args.batch_size, -1, -1, -1)
     keep = torch.zeros((1, 1, side, side))
     keep[..., : side // 2] = 1.0
     return init, keep, 1.0 - keep
@@ -339,18 +341,20 @@ def run_sdserver_img2img(model: Any, case: Case, args: argparse.Namespace) -> np
     init, keep, regen = img2img_inputs(args)
     plan = run.plan_img2img(case.sampler, case.scheduler, args.steps, args.denoising_strength,
                             DiscreteSchedule(model.alphas_cumprod), family=model.family)
-    rng = make_rng(request.seeds, [case.seed], [request.seeds.subseed], tuple(init.shape[1:]), torch.device("cpu"))
+    seeds = [case.seed + i for i in range(args.batch_size)]
+    subseeds = [request.seeds.subseed + i for i in range(args.batch_size)]
+    rng = make_rng(request.seeds, seeds, subseeds, tuple(init.shape[1:]), torch.device("cpu"))
     x = run.noised_latent(init, rng.next(), plan)
     cache = TextEncoderCache(model, conditioning_options(request))
-    guidance = guidance_for(cache, (case.prompt,), (case.negative,), schedule_steps(request), args.cfg,
-                            args.s_min_uncond)
+    guidance = guidance_for(cache, (case.prompt,) * args.batch_size, (case.negative,) * args.batch_size,
+                            schedule_steps(request), args.cfg, args.s_min_uncond)
     denoiser = guided_denoiser(model, case.sampler, guidance)
     if args.mode == "inpaint":
         denoiser = masked_denoiser(denoiser, case.sampler, init, keep, regen)
     latents = run_sampler(request.sampling, plan, x, rng, denoiser, QuietControl(), lambda latent: None).latents
     if args.mode == "inpaint":
         latents = latents * regen + init * keep
-    return np.asarray(decode(model, latents)[0]).astype(np.float64)
+    return np.stack([np.asarray(image) for image in decode(model, latents)]).astype(np.float64)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
     parser.add_argument("--negative", default="blurry, lowres")
     parser.add_argument("--prompt-set", action="store_true", help="run the built-in SD 1.x prompt / seed set")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per batch (seeds seed, seed+1, ...)")
     parser.add_argument("--prediction", choices=("eps", "v"), default="eps")
     parser.add_argument("--eta", type=float, default=None, help="None: the eta option of the sampler's kind")
     parser.add_argument("--s-churn", type=float, default=0.0)
@@ -395,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             for prompt, negative, seed in prompts:
                 case = Case(sampler, scheduler, prompt, negative, seed)
                 ours = run_sdserver(model, case, args) if args.mode == "txt2img" else run_sdserver_img2img(model, case, args)
-                mad = float(np.abs(run_a1111(a1111, model, case, args) - ours).mean())
+                mad = float(np.abs(run_a1111(a1111, model, case, args) - ours).mean(axis=(1, 2, 3)).max())
                 worst = max(worst, mad)
             ok = ok and worst < args.threshold
             cells.append(f"{worst:12.4f}")
@@ -407,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = float(np.abs(run_ours(model, first, args) - run_ours(model, other_seed, args)).mean())
     print(f"\nscale: {first.sampler} / {first.scheduler} at seed {first.seed} vs {other_seed.seed}: MAD {scale:.2f}")
     print(f"{len(samplers) - failures}/{len(samplers)} samplers within {args.threshold} (0..255 MAD, worst over "
-          f"{len(prompts)} prompt/seed pair(s)); {args.steps} steps, {args.size}x{args.size}, cfg {args.cfg}, "
+          f"{len(prompts)} prompt/seed pair(s) x {args.batch_size} image(s)); {args.steps} steps, {args.size}x{args.size}, cfg {args.cfg}, "
           f"{args.prediction}-prediction, {args.mode}"
           + ("" if args.mode == "txt2img" else f" at denoising strength {args.denoising_strength}"))
     return 1 if failures else 0
