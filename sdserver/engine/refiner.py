@@ -12,7 +12,10 @@ and an aesthetic score: 6.0 for prompts, 2.5 for negative prompts by default; an
 batch is encoded as zeros (sgm's force_zero_embeddings, as A1111 asks for it).
 
 Every batch starts on the base model, as A1111 reloads it per batch; the refiner is loaded once, at the first
-switch, and kept for the job's later batches. Images are decoded by the model sampling ended on.
+switch, and kept for the job's later batches. Images are decoded by the model sampling ended on. With the hires
+fix, A1111's hires_fix_refiner_pass ("second pass" by default) says in which pass(es) the switch may happen; a
+hires pass starts on the model its first pass ended on. The batch loops follow sdserver.pipeline's txt2img,
+img2img and hires phases, with the switching denoiser in place of the plain one.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from sdserver.models.sd_model import SDModel
 from sdserver.pipeline.cfg import CFGDenoiser, Guidance
 from sdserver.pipeline.conditioning import TextEncoderCache, map_text_conditioning, zeroed
 from sdserver.pipeline.denoise import PassResult, guided_denoiser, make_rng, run_sampler
-from sdserver.pipeline.hires import PixelUpscale, hires_target, second_pass_sampling, upscale_first_pass
 from sdserver.pipeline.extra_networks import parse_extra_networks
+from sdserver.pipeline.hires import PixelUpscale, hires_target, second_pass_sampling, upscale_first_pass
 from sdserver.pipeline.image_ops import finish_img2img_image
 from sdserver.pipeline.images import pil_to_tensor, preview_function, tensor_to_pil
 from sdserver.pipeline.img2img import (
@@ -52,7 +55,9 @@ DISABLED_NAMES = ("", "None", "none", "Use same checkpoint")
 _LAST_TIMESTEP = 999  # A1111's completed ratio is (999 - t) / 1000
 
 
-class Denoiser(Protocol):
+class GuidedFn(Protocol):
+    """A guided denoiser as the samplers call it (CFGDenoiser, or MaskedDenoiser around one)."""
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra: object) -> torch.Tensor: ...
 
 
@@ -91,8 +96,8 @@ class SwitchingDenoiser:
     builds for the refiner (once). `model` is the model in use; `switched_at` the call index of the switch."""
 
     def __init__(
-        self, first: Denoiser, model: SDModel, rule: SwitchRule | None,
-        switch: Callable[[int], tuple[SDModel, Denoiser]],
+        self, first: GuidedFn, model: SDModel, rule: SwitchRule | None,
+        switch: Callable[[int], tuple[SDModel, GuidedFn]],
     ) -> None:
         self.current, self.model, self.rule, self.switch = first, model, rule, switch
         self.calls = 0
@@ -205,7 +210,7 @@ class RefinerJob:
     def denoiser(
         self, request: GenerationRequest, prompts: tuple[str, ...], negatives: tuple[str, ...], width: int,
         height: int, steps: int, image_cond_for: Callable[[SDModel], torch.Tensor | None],
-        wrap: Callable[[SDModel, CFGDenoiser], Denoiser], *, start: ModelSlot | None = None,
+        wrap: Callable[[SDModel, CFGDenoiser], GuidedFn], *, start: ModelSlot | None = None,
         allow_switch: bool = True, params: SamplingParams | None = None, hires_steps: int | None = None,
     ) -> SwitchingDenoiser:
         """A pass's denoiser starting on `start` (default the base); it may switch to the refiner when
@@ -216,7 +221,7 @@ class RefinerJob:
             cond = image_cond_for(on.model)
             return model_denoiser(on, request, prompts, negatives, width, height, cond, params, hires_steps)
 
-        def switch(calls: int) -> tuple[SDModel, Denoiser]:
+        def switch(calls: int) -> tuple[SDModel, GuidedFn]:
             on = self.refiner_slot()
             cfg = build(on)
             cfg.step = calls  # the prompt schedule goes on where the base left it
@@ -387,7 +392,7 @@ def refined_img2img(
                 return None
             return inpainting_conditioning(model, pixels, prepared.mask, inpainting_mask_weight, tuple(init.shape[-2:]))
 
-        def wrap(model: SDModel, cfg: CFGDenoiser) -> Denoiser:
+        def wrap(model: SDModel, cfg: CFGDenoiser) -> GuidedFn:
             # A1111 holds the unmasked latent at the base's encoding for whichever model samples.
             return cfg if mask is None or model.is_inpainting else MaskedDenoiser(cfg, start, mask)
 
