@@ -9,7 +9,8 @@ the families already read (`model.diffusion_model.*`, `first_stage_model.*`, `co
 Mapping facts (block numbering, resnet and VAE attention names, OpenCLIP's fused q/k/v and transposed
 projection) follow diffusers' `scripts/convert_diffusers_to_original_stable_diffusion.py` and
 `convert_diffusers_to_original_sdxl.py` (Apache-2.0), generalised here to any number of levels and resnets.
-The same code renames bare shapes (as meta tensors), so detection reads no tensor data.
+The same code renames bare shapes (as meta tensors), so detection reads no tensor data. SD 2.x folders keep
+OpenCLIP-H without its last layer; see `with_identity_layer` for how they still condition as the original.
 """
 
 from __future__ import annotations
@@ -248,6 +249,29 @@ def _openclip(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, tor
     return {prefix + k: v for k, v in converted.items()}
 
 
+_RESBLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
+
+
+def with_identity_layer(openclip: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenCLIP text weights with one all-zero layer appended, which passes its input through unchanged
+    (pre-norm residual blocks whose every weight is 0 add nothing).
+
+    SD 2.x conditions on OpenCLIP-H's penultimate layer. Diffusers folders store the encoder without its last
+    layer and condition on the final one; appending a pass-through layer makes the kept final layer the
+    penultimate one again, so the SD 2.x family conditions on exactly what diffusers does."""
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in openclip.items():
+        if (m := _RESBLOCK.fullmatch(key)) is not None:
+            layers.setdefault(int(m.group(1)), {})[m.group(2)] = value
+    if not layers:
+        return dict(openclip)
+    last = max(layers)
+    out = dict(openclip)
+    for name, value in layers[last].items():
+        out[f"transformer.resblocks.{last + 1}.{name}"] = torch.zeros_like(value)
+    return out
+
+
 def _prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {prefix + k: v for k, v in tensors.items()}
 
@@ -263,7 +287,7 @@ def to_original(components: Mapping[str, Mapping[str, torch.Tensor]], layout: st
         state.update(_prefixed(text, "conditioner.embedders.0.transformer."))
         state.update(_openclip(components[TEXT_ENCODER_2], "conditioner.embedders.1.model."))
     elif layout == "openclip":
-        state.update(_openclip(text, "cond_stage_model.model."))
+        state.update(_prefixed(with_identity_layer(_openclip(text, "")), "cond_stage_model.model."))
     else:
         state.update(_prefixed(text, "cond_stage_model.transformer."))
     return state

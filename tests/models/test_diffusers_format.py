@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -217,17 +218,32 @@ def test_sdxl_folder_reads_as_the_original_state_dict(sdxl_state, tmp_path: Path
     assert read_shapes(folder) == {k: tuple(v.shape) for k, v in want.items()}
 
 
-def test_sd2_folder_loads_with_its_openclip_encoder(tmp_path: Path) -> None:
+def test_sd2_folder_conditions_as_the_single_file(tmp_path: Path) -> None:
+    """Diffusers stores SD 2.x's OpenCLIP encoder without its last layer (it conditions on the final one); the
+    folder must condition as the original file does on its penultimate layer."""
     state = random_state_dict("sd2", tiny_sd2_configs(), seed=5)
+    text = openclip_to_transformers(with_prefix(state, "cond_stage_model.model."), projection=False)
+    last = tiny_sd2_configs()[2].layers - 1
+    text = {k: v for k, v in text.items() if not k.startswith(f"text_model.encoder.layers.{last}.")}
     folder = write_folder(tmp_path / "sd2", {
         "unet": unet_to_diffusers(with_prefix(state, "model.diffusion_model."), per_level=1),
         "vae": vae_to_diffusers(with_prefix(state, "first_stage_model.")),
-        "text_encoder": openclip_to_transformers(with_prefix(state, "cond_stage_model.model."), projection=False),
+        "text_encoder": text,
     }, hidden_act="gelu", prediction="v_prediction")
-    want = {k: v for k, v in state.items() if not k.endswith(("logit_scale", "text_projection"))}
+    dropped = f"cond_stage_model.model.transformer.resblocks.{last}."
+    want = {k: (torch.zeros_like(v) if k.startswith(dropped) else v)
+            for k, v in state.items() if not k.endswith(("logit_scale", "text_projection"))}
     assert_same_tensors(load_state_dict(folder), want)
-    model = load_checkpoint(folder, torch.float32, "cpu")
-    assert (model.family, model.prediction_type) == ("sd2", "v")
+    from_folder = load_checkpoint(folder, torch.float32, "cpu")
+    assert (from_folder.family, from_folder.prediction_type) == ("sd2", "v")
+    from_file = load_checkpoint(save_checkpoint(state, tmp_path / "sd2.safetensors"), torch.float32, "cpu",
+                                prediction_type="v")
+    assert from_folder.spec == replace(from_file.spec, prediction_source="metadata")
+    # (Random OpenCLIP weights give a context of mean ~0, which A1111's "Original" emphasis divides by, so the
+    # comparison is of the conditioning itself rather than of pixels.)
+    tokens = torch.tensor([[49406, 320, 736, 7117, 49407] + [0] * 72])
+    with torch.no_grad():
+        assert torch.equal(from_folder.encode_tokens(tokens).context, from_file.encode_tokens(tokens).context)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
