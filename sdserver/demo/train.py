@@ -35,6 +35,7 @@ from sdserver.models.tokenizer import CLIPTokenizer
 
 DEFAULT_OUT = Path(__file__).parent / "data" / "sdserver-demo.safetensors"
 CONTEXT_TOKENS = 77  # SD's fixed text length: BOS + 75 + EOS
+INITIAL_LOGVAR = -8.0
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,18 @@ class TrainConfig:
         model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(1, 1, 1),
         transformer_depth_middle=1, num_head_channels=32, context_dim=128,
     )
-    # Four channels per GroupNorm group: with one channel per group (instance norm) a flat colour normalises
-    # to zero and the decoder can't tell red from blue.
-    vae: VAEConfig = VAEConfig(base_channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=4)
+    # GroupNorm with the original 1e-6 epsilon maps a flat colour to the same pattern whatever its value: red,
+    # orange and yellow backgrounds encoded to identical latents. Epsilon 1 (recorded in the file's config)
+    # leaves small activations unscaled, so absolute colour survives; four channels per group.
+    vae: VAEConfig = VAEConfig(
+        base_channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=4, norm_eps=1.0
+    )
     text: TextEncoderConfig = TextEncoderConfig(width=128, layers=3, heads=4, intermediate=512)
     vae_phase: Phase = Phase(steps=3000, batch=16, lr=1e-3)
     latent_images_64: int = 30_000
     latent_images_128: int = 10_000
-    unet_phase_64: Phase = Phase(steps=1500, batch=32, lr=5e-4)
-    unet_phase_128: Phase = Phase(steps=600, batch=32, lr=2e-4)
+    unet_phase_64: Phase = Phase(steps=3500, batch=32, lr=5e-4)
+    unet_phase_128: Phase = Phase(steps=1000, batch=32, lr=2e-4)
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
@@ -117,6 +121,10 @@ def train_vae(cfg: TrainConfig, rng: np.random.Generator) -> AutoencoderKL:
     """Trained on whole 64- and 128-px renders (GroupNorm normalises over the whole image, so crops would
     teach it the wrong statistics), two batches in three at 128 px, the size the demo model serves."""
     vae = AutoencoderKL(cfg.vae)
+    # Start the posterior nearly deterministic: at the default log-variance 0 the sampling noise swamps the
+    # small early means, and a decoder trained through it learns only a few distinguishable colours.
+    with torch.no_grad():
+        vae.quant_conv.bias[cfg.vae.embed_dim :] = INITIAL_LOGVAR
     phase = cfg.vae_phase
     opt = torch.optim.AdamW(vae.parameters(), lr=phase.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=phase.lr, total_steps=phase.steps, pct_start=0.05)
