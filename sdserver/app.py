@@ -14,7 +14,7 @@ from typing import AsyncIterator, Callable
 from fastapi import FastAPI
 
 from sdserver import __version__
-from sdserver.api.a1111.options import RESTRICTED_KEYS, Options
+from sdserver.api.a1111.options import RESTRICTED_KEYS, Options, bind_engine
 from sdserver.api.a1111.routes import build_router as build_a1111_router
 from sdserver.api.a1111.styles import PromptStyle, read_styles_csv
 from sdserver.api.auth import Authenticator, LoginTokens
@@ -112,6 +112,7 @@ def _lifespan(settings: Settings, given_engine: Engine | None):
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = given_engine if given_engine is not None else await asyncio.to_thread(_build_engine, settings)
         options = Options(settings.config_file)
+        bind_engine(options, engine)
         app.state.styles = load_styles(settings)
         queue = JobQueue(
             engine,

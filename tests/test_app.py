@@ -134,6 +134,17 @@ def test_shutdown_cancels_queued_jobs_and_finishes_the_running_one(tmp_path):
     assert app.state.queue.get(running).state is JobState.SUCCEEDED
 
 
+def test_the_engine_follows_sd_checkpoints_limit_from_startup_and_options_posts(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"sd_checkpoints_limit": 2}))
+    engine = MiniEngine()
+    limits: list[int] = []
+    engine.set_checkpoints_limit = limits.append
+    with TestClient(create_app(Settings(data_dir=tmp_path), engine=engine)) as client:
+        assert limits == [2]
+        assert client.post("/sdapi/v1/options", json={"sd_checkpoints_limit": 3}).status_code == 200
+        assert limits == [2, 3]
+
+
 def test_preview_period_follows_the_options(tmp_path):
     options = Options(None)
     assert preview_period(options) == options.get("show_progress_every_n_steps")

@@ -35,16 +35,14 @@ from sdserver.errors import InvalidRequest, ModelNotFound, UnsupportedFeature
 from sdserver.models.family_sdxl import is_refiner, refiner_vector
 from sdserver.models.sd_model import SDModel
 from sdserver.pipeline.cfg import CFGDenoiser, Guidance
-from sdserver.pipeline.conditioning import TextEncoderCache, map_text_conditioning, zeroed
-from sdserver.pipeline.denoise import PassResult, guided_denoiser, make_rng, run_sampler
-from sdserver.pipeline.extra_networks import parse_extra_networks
+from sdserver.pipeline.conditioning import TextEncoderCache, is_empty_prompt, map_text_conditioning, zeroed
+from sdserver.pipeline.denoise import PassResult, guided_denoiser, make_rng, masked_denoiser, run_sampler
 from sdserver.pipeline.hires import PixelUpscale, hires_target, second_pass_sampling, upscale_first_pass
 from sdserver.pipeline.image_ops import finish_img2img_image
-from sdserver.pipeline.images import pil_to_tensor, preview_function, tensor_to_pil
+from sdserver.pipeline.images import decode_latents, pil_to_tensor, preview_function, tensor_to_pil
 from sdserver.pipeline.img2img import (
-    MaskedDenoiser, encode_images, fill_latent, inpainting_conditioning, make_latent_mask, prepare_pixels,
+    encode_images, fill_latent, inpainting_conditioning, make_latent_mask, prepare_pixels,
 )
-from sdserver.pipeline.prompt_parser import strip_comments
 from sdserver.pipeline.txt2img import BatchPlan, guidance_for, plan_batches, schedule_steps, vector_conditioning
 from sdserver.sampling import run
 from sdserver.sampling.discrete import DiscreteSchedule
@@ -56,7 +54,7 @@ _LAST_TIMESTEP = 999  # A1111's completed ratio is (999 - t) / 1000
 
 
 class GuidedFn(Protocol):
-    """A guided denoiser as the samplers call it (CFGDenoiser, or MaskedDenoiser around one)."""
+    """A guided denoiser as the samplers call it (CFGDenoiser, or a masked denoiser around one)."""
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra: object) -> torch.Tensor: ...
 
@@ -125,10 +123,6 @@ class SwitchingDenoiser:
 # ---- conditioning per model ---------------------------------------------------------------------------------
 
 
-def _is_empty(prompt: str) -> bool:
-    return parse_extra_networks(strip_comments(prompt))[0] == ""
-
-
 def refiner_guidance(
     guidance: Guidance, negatives: tuple[str, ...], width: int, height: int, score: float, negative_score: float
 ) -> Guidance:
@@ -140,7 +134,7 @@ def refiner_guidance(
             return replace(entry, pooled=refiner_vector(entry.pooled, width, height, value))
         return apply
 
-    force_zero = all(_is_empty(n) for n in negatives)
+    force_zero = all(is_empty_prompt(n) for n in negatives)
     unconds = tuple(
         map_text_conditioning(map_text_conditioning(u, zeroed) if force_zero else u, vector(negative_score))
         for u in guidance.unconds
@@ -261,9 +255,10 @@ def _txt2img_batch(
     return run_sampler(params, sampling_plan, x, rng, denoiser, control, _preview(denoiser, request)), denoiser
 
 
-def _images(model: SDModel, latents: torch.Tensor, plan: BatchPlan, index: int) -> list[GeneratedImage]:
-    with torch.no_grad():
-        decoded = tensor_to_pil(model.decode_latent(latents))
+def _images(
+    model: SDModel, latents: torch.Tensor, plan: BatchPlan, index: int, auto_precision: bool = True
+) -> list[GeneratedImage]:
+    decoded = tensor_to_pil(decode_latents(model, latents, auto_precision=auto_precision))
     start = plan.batch(index).start
     return [
         GeneratedImage(picture, plan.seeds[i], plan.subseeds[i], plan.prompts[i], plan.negative_prompts[i])
@@ -278,7 +273,7 @@ def refined_txt2img(job: RefinerJob, request: GenerationRequest, control: JobCon
     for index in range(request.n_iter):
         control.begin_pass(index, request.n_iter, request.sampling.steps)
         result, denoiser = _txt2img_batch(job, request, plan, index, control)
-        images += _images(denoiser.model, result.latents, plan, index)
+        images += _images(denoiser.model, result.latents, plan, index, request.auto_vae_precision)
         if result.stopped == "interrupted":
             return images, True
     return images, False
@@ -308,7 +303,7 @@ def refined_hires(
                 job, start, request, params2, plan, index, control, latents, target, pixel_upscale,
                 allow_switch=which != HIRES_FIRST_PASS,
             )
-        images += _images(model, latents, plan, index)
+        images += _images(model, latents, plan, index, request.auto_vae_precision)
         if stopped == "interrupted":
             return images, True
     return images, False
@@ -323,7 +318,7 @@ def _hires_batch(  # type: ignore[no-untyped-def]
     assert hires is not None
     model = slot.model
     part = plan.batch(index)
-    init = upscale_first_pass(model, model, latents, target, hires.upscaler, pixel_upscale)
+    init = upscale_first_pass(model, model, latents, target, hires.upscaler, pixel_upscale, request.auto_vae_precision)
     h, w = init.shape[-2:]
     rng = make_rng(request.seeds, list(plan.seeds[part]), list(plan.subseeds[part]), (init.shape[1], h, w), model.device)
     sampling_plan = run.plan_img2img(
@@ -394,14 +389,14 @@ def refined_img2img(
 
         def wrap(model: SDModel, cfg: CFGDenoiser) -> GuidedFn:
             # A1111 holds the unmasked latent at the base's encoding for whichever model samples.
-            return cfg if mask is None or model.is_inpainting else MaskedDenoiser(cfg, start, mask)
+            return cfg if mask is None or model.is_inpainting else masked_denoiser(cfg, params.sampler, start, mask.keep, mask.regen)
 
         denoiser = job.denoiser(request, plan.prompts[part], plan.negative_prompts[part], request.width,
                                 request.height, sampling_plan.steps, image_cond_for, wrap)
         result = run_sampler(params, sampling_plan, x, rng, denoiser, control, _preview(denoiser, request))  # type: ignore[arg-type]
         latents = result.latents if mask is None else mask.blend(start, result.latents)
         with torch.no_grad():
-            decoded = tensor_to_pil(denoiser.model.decode_latent(latents))
+            decoded = tensor_to_pil(decode_latents(denoiser.model, latents, auto_precision=request.auto_vae_precision))
         for k, picture in enumerate(decoded):
             i = part.start + k
             final = finish_img2img_image(picture, prepared, i)

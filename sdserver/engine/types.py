@@ -132,6 +132,7 @@ class GenerationRequest:
     inpaint: InpaintParams | None = None
     initial_noise_multiplier: float = 1.0
     inpainting_mask_weight: float = 1.0
+    auto_vae_precision: bool = True  # redo a NaN half-precision decode in float32
     img2img_fix_steps: bool = False
     disable_extra_networks: bool = False
     preview_method: str = "Approx cheap"  # or "Full": a VAE decode of the current latent

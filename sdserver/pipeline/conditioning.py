@@ -141,6 +141,11 @@ def map_text_conditioning(
     ))
 
 
+def is_empty_prompt(prompt: str) -> bool:
+    """Nothing left once comments and extra-network tags are taken out (A1111's test is `x == ''` on that)."""
+    return parse_extra_networks(strip_comments(prompt))[0] == ""
+
+
 def zeroed(entry: TextConditioning) -> TextConditioning:
     """The text embeddings replaced by zeros: sgm's `force_zero_embeddings`, which A1111 uses for SDXL-style
     models when every negative prompt of the batch is empty."""

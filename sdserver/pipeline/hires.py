@@ -13,7 +13,7 @@ from sdserver.engine.types import GeneratedImage, GenerationRequest, HiresParams
 from sdserver.models.sd_model import SDModel
 from sdserver.pipeline.conditioning import TextEncoderCache
 from sdserver.pipeline.denoise import guided_denoiser, make_rng, run_sampler
-from sdserver.pipeline.images import pil_to_tensor, preview_function, tensor_to_pil
+from sdserver.pipeline.images import decode_latents, pil_to_tensor, preview_function, tensor_to_pil
 from sdserver.pipeline.txt2img import (
     conditioning_options, decode, guidance_for, plan_batches, sample_batch, schedule_steps, vector_conditioning,
 )
@@ -65,14 +65,14 @@ def second_pass_sampling(params: SamplingParams, hires: HiresParams) -> Sampling
 @torch.no_grad()
 def upscale_first_pass(
     first: SDModel, second: SDModel, latents: torch.Tensor, target: HiresTarget, upscaler: str,
-    pixel_upscale: PixelUpscale,
+    pixel_upscale: PixelUpscale, auto_precision: bool = True,
 ) -> torch.Tensor:
     """Latent modes interpolate the latent; pixel upscalers decode with the first model, encode with the second."""
     scale = first.latent_scale
     if is_latent_mode(upscaler):
         out = upscale_latent(latents, target.width // scale, target.height // scale, upscaler)
     else:
-        images = tensor_to_pil(first.decode_latent(latents))
+        images = tensor_to_pil(decode_latents(first, latents, auto_precision=auto_precision))
         big = [pixel_upscale(img, target.width, target.height, upscaler) for img in images]
         out = second.encode_image(pil_to_tensor(big).to(second.device))
     if target.crop_x or target.crop_y:
@@ -107,7 +107,7 @@ def txt2img_hires(
             latents, stopped = second_pass(
                 model, second, request, params2, hires, plan, index, control, latents, target, pixel_upscale
             )
-        for k, picture in enumerate(decode(second[0] if stopped != "interrupted" else model, latents)):
+        for k, picture in enumerate(decode(second[0] if stopped != "interrupted" else model, latents, request.auto_vae_precision)):
             i = part.start + k
             images.append(GeneratedImage(picture, plan.seeds[i], plan.subseeds[i], plan.prompts[i], plan.negative_prompts[i]))
         if stopped == "interrupted":
@@ -121,7 +121,9 @@ def second_pass(  # type: ignore[no-untyped-def]
     """The hires pass of one batch: upscale, noise to the entry level, sample with exactly the hires steps."""
     model, cache = second
     part = plan.batch(index)
-    init = upscale_first_pass(first_model, model, latents, target, hires.upscaler, pixel_upscale)
+    init = upscale_first_pass(
+        first_model, model, latents, target, hires.upscaler, pixel_upscale, request.auto_vae_precision
+    )
     h, w = init.shape[-2:]
     rng = make_rng(request.seeds, list(plan.seeds[part]), list(plan.subseeds[part]), (init.shape[1], h, w), model.device)
     sampling_plan = run.plan_img2img(

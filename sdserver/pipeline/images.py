@@ -13,8 +13,8 @@ log = logging.getLogger(__name__)
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[B,3,H,W] in [-1, 1] → RGB images, truncating to 8 bits as A1111 does (not rounding)."""
-    arr = ((images.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).numpy()
+    """[B,3,H,W] in [-1, 1] → RGB images, truncating to 8 bits as A1111 does (not rounding); NaN is black."""
+    arr = ((images.float().cpu().nan_to_num(-1.0) + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray((255.0 * a).astype(np.uint8)) for a in arr]
 
 

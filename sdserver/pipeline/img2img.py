@@ -12,11 +12,10 @@ from PIL import Image
 
 from sdserver.engine.types import GeneratedImage, GenerationRequest, JobControl
 from sdserver.models.sd_model import SDModel
-from sdserver.pipeline.cfg import CFGDenoiser
 from sdserver.pipeline.conditioning import TextEncoderCache
-from sdserver.pipeline.denoise import guided_denoiser, make_rng, run_sampler
+from sdserver.pipeline.denoise import guided_denoiser, make_rng, masked_denoiser, run_sampler
 from sdserver.pipeline.image_ops import Img2ImgImages, UpscalerFn, finish_img2img_image, latent_mask, prepare_img2img_images
-from sdserver.pipeline.images import pil_to_tensor, preview_function, tensor_to_pil
+from sdserver.pipeline.images import decode_latents, pil_to_tensor, preview_function, tensor_to_pil
 from sdserver.pipeline.txt2img import (
     conditioning_options, guidance_for, plan_batches, schedule_steps, vector_conditioning,
 )
@@ -88,20 +87,6 @@ def inpainting_conditioning(
     return torch.cat([small_mask.expand(b, -1, -1, -1), cond_latent], dim=1)
 
 
-class MaskedDenoiser:
-    """Holds the unmasked latent at the input's value after every denoiser call, as A1111 does."""
-
-    def __init__(self, inner: CFGDenoiser, init: torch.Tensor, mask: LatentMask) -> None:
-        self.inner, self.init, self.mask = inner, init, mask
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra) -> torch.Tensor:  # type: ignore[no-untyped-def]
-        return self.mask.blend(self.init, self.inner(x, sigma, **extra))
-
-    def denoise_with_uncond(self, x, sigma, *, cond_scale_multiplier=1.0, **extra):  # type: ignore[no-untyped-def]
-        guided, uncond = self.inner.denoise_with_uncond(x, sigma, cond_scale_multiplier=cond_scale_multiplier)
-        return self.mask.blend(self.init, guided), uncond
-
-
 def fill_latent(init: torch.Tensor, mask: LatentMask | None, fill: int, rng_noise: Callable[[], torch.Tensor]) -> torch.Tensor:
     """Latent pre-fills: 2 "latent noise" puts fresh noise under the mask, 3 "latent nothing" zeros it."""
     if mask is None or fill not in (2, 3):
@@ -151,11 +136,11 @@ def img2img(
             params.s_min_uncond, image_cond,
         )
         cfg = guided_denoiser(model, params.sampler, guidance, vector_conditioning(model, request.width, request.height))
-        denoiser = cfg if mask is None or model.is_inpainting else MaskedDenoiser(cfg, start, mask)
+        denoiser = cfg if mask is None or model.is_inpainting else masked_denoiser(cfg, params.sampler, start, mask.keep, mask.regen)
         result = run_sampler(params, sampling_plan, x, rng, denoiser, control, preview_function(model, request.preview_method))
         latents = result.latents if mask is None else mask.blend(start, result.latents)
         with torch.no_grad():
-            decoded = tensor_to_pil(model.decode_latent(latents))
+            decoded = tensor_to_pil(decode_latents(model, latents, auto_precision=request.auto_vae_precision))
         for k, picture in enumerate(decoded):
             i = part.start + k
             final = finish_img2img_image(picture, prepared, i)

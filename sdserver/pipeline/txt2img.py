@@ -9,9 +9,11 @@ import torch
 from sdserver.engine.types import GeneratedImage, GenerationRequest, JobControl
 from sdserver.models.sd_model import SDModel
 from sdserver.pipeline.cfg import Guidance
-from sdserver.pipeline.conditioning import ConditioningOptions, TextEncoderCache, condition_prompt
+from sdserver.pipeline.conditioning import (
+    ConditioningOptions, TextEncoderCache, condition_prompt, is_empty_prompt, map_text_conditioning, zeroed,
+)
 from sdserver.pipeline.denoise import guided_denoiser, make_rng, run_sampler, txt2img_plan
-from sdserver.pipeline.images import preview_function, tensor_to_pil
+from sdserver.pipeline.images import decode_latents, preview_function, tensor_to_pil
 from sdserver.sampling import run
 from sdserver.sampling.registry import SAMPLERS
 
@@ -56,6 +58,9 @@ def guidance_for(
 ) -> Guidance:
     conds = tuple(condition_prompt(cache, p, steps, hires_steps=hires_steps) for p in prompts)
     unconds = tuple(condition_prompt(cache, n, steps, allow_and=False, hires_steps=hires_steps) for n in negatives)
+    if cache.model.spec.uses_pooled and all(is_empty_prompt(n) for n in negatives):
+        # SDXL-style models get zeros, not the encoding of "", when a batch has no negative prompt (A1111).
+        unconds = tuple(map_text_conditioning(u, zeroed) for u in unconds)
     return Guidance(conds, unconds, cfg_scale, s_min_uncond, image_cond)
 
 
@@ -66,9 +71,9 @@ def vector_conditioning(model: SDModel, width: int, height: int):  # type: ignor
     return lambda pooled: model.vector_conditioning(pooled, width=width, height=height)  # type: ignore[attr-defined]
 
 
-def decode(model: SDModel, latents: torch.Tensor) -> list:  # type: ignore[type-arg]
+def decode(model: SDModel, latents: torch.Tensor, auto_precision: bool = True) -> list:  # type: ignore[type-arg]
     with torch.no_grad():
-        return tensor_to_pil(model.decode_latent(latents))
+        return tensor_to_pil(decode_latents(model, latents, auto_precision=auto_precision))
 
 
 @torch.no_grad()
@@ -104,7 +109,7 @@ def txt2img(
         control.begin_pass(index, request.n_iter, request.sampling.steps)
         latents, stopped = sample_batch(model, request, plan, index, cache, control, request.width, request.height)
         part = plan.batch(index)
-        for k, picture in enumerate(decode(model, latents)):
+        for k, picture in enumerate(decode(model, latents, request.auto_vae_precision)):
             i = part.start + k
             images.append(GeneratedImage(picture, plan.seeds[i], plan.subseeds[i], plan.prompts[i], plan.negative_prompts[i]))
         if stopped == "interrupted":

@@ -97,3 +97,20 @@ def test_full_previews_use_the_fallback() -> None:
     image = preview_function(model, "Full")(torch.zeros(4, 1, 1))
     assert model.decodes == [torch.float16, torch.float32]
     assert image.getpixel((0, 0)) == (191, 191, 191)
+
+
+@pytest.mark.parametrize("auto", [True, False])
+def test_txt2img_final_decode_follows_the_request(overflowing_checkpoint: Path, control, auto: bool) -> None:  # type: ignore[no-untyped-def]
+    from sdserver.engine.types import GenerationRequest, SamplingParams, SeedParams
+    from sdserver.pipeline.txt2img import txt2img
+
+    half = load_checkpoint(overflowing_checkpoint, torch.float16, "cpu")
+    request = GenerationRequest(
+        prompt="a cat", width=32, height=32, sampling=SamplingParams(sampler="euler", steps=2, cfg_scale=7.0),
+        seeds=SeedParams(seed=1), auto_vae_precision=auto,
+    )
+    result = txt2img(half, request, control)
+    images = result[0] if isinstance(result, tuple) else result
+    # A NaN decode becomes black pixels; the fp32 redo gives the random VAE's usual mid-grey noise.
+    assert (max(img.image.getextrema()[0][1] for img in images) > 0) is auto
+    assert (next(half.vae.parameters()).dtype == torch.float32) is auto

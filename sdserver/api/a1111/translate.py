@@ -546,6 +546,7 @@ def img2img_request(
         inpaint=_inpaint(req, decode),
         initial_noise_multiplier=float(noise_multiplier),
         inpainting_mask_weight=float(opts.get("inpainting_mask_weight", 1.0)),
+        auto_vae_precision=bool(opts.get("auto_vae_precision", True)),
         img2img_fix_steps=bool(opts.get("img2img_fix_steps", False)),
     )
 
