@@ -64,6 +64,11 @@ def build(sd: Mapping[str, torch.Tensor], *, source: str, field: str) -> nn.Modu
         known = ", ".join(a.value for a in Architecture)
         raise ModelLoadError(f"{source}: not a known upscaler architecture ({known})", field=field)
     try:
-        return builders[arch](sd)
+        net = builders[arch](sd)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{source}: {exc.message}", field=field) from None
+    channels = net.config.in_channels if arch in (Architecture.SWINIR, Architecture.DAT) else 3
+    if channels != 3:
+        # Grayscale restoration models exist; images reach upscalers as RGB, so refuse at load, not mid-job.
+        raise ModelLoadError(f"{source}: a {channels}-channel {arch} model; upscalers must take RGB images", field=field)
+    return net

@@ -3,7 +3,6 @@ force_zero_embeddings); SD 1.x encodes "" like any prompt."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -234,3 +234,13 @@ def test_uninterpretable_shapes_name_the_problem(key, value, words):
     with pytest.raises(ModelLoadError) as err:
         build_swinir(sd)
     assert words in err.value.message
+
+
+def test_a_grayscale_model_is_refused_at_load_naming_the_file():
+    from dataclasses import replace
+
+    gray = _random_net(replace(_config("", 1, window=7), in_channels=1, out_channels=1))
+    with pytest.raises(ModelLoadError) as err:
+        architectures.build(_as_file(gray), source="gray.pth", field="upscaler_1")
+    assert "gray.pth" in err.value.message and "1-channel" in err.value.message
+    assert err.value.field == "upscaler_1"
