@@ -53,14 +53,13 @@ class TrainConfig:
         model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(1, 1, 1),
         transformer_depth_middle=1, num_head_channels=32, context_dim=128,
     )
-    # GroupNorm with the original 1e-6 epsilon maps a flat colour to the same pattern whatever its value: red,
-    # orange and yellow backgrounds encoded to identical latents. Epsilon 1 (recorded in the file's config)
-    # leaves small activations unscaled, so absolute colour survives; four channels per group.
-    vae: VAEConfig = VAEConfig(
-        base_channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=4, norm_eps=1.0
-    )
+    # Four channels per GroupNorm group: with one channel per group (instance norm) a flat colour normalises
+    # to zero and the decoder can't tell red from blue.
+    vae: VAEConfig = VAEConfig(base_channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=4)
     text: TextEncoderConfig = TextEncoderConfig(width=128, layers=3, heads=4, intermediate=512)
-    vae_phase: Phase = Phase(steps=3000, batch=16, lr=1e-3)
+    # At 1e-3 this autoencoder cannot even learn eight flat colours (300 steps: mean error 80/255); at 1e-4
+    # it does (7/255). 2e-4 peak with one-cycle annealing.
+    vae_phase: Phase = Phase(steps=4000, batch=16, lr=2e-4)
     latent_images_64: int = 30_000
     latent_images_128: int = 10_000
     unet_phase_64: Phase = Phase(steps=3500, batch=32, lr=5e-4)
@@ -73,7 +72,7 @@ class TrainConfig:
     def quick(self) -> TrainConfig:
         """A minutes-long run for smoke tests; the model it makes is not meant to be good."""
         return replace(
-            self, vae_phase=Phase(40, 8, 1e-3), latent_images_64=64, latent_images_128=32,
+            self, vae_phase=Phase(40, 8, 2e-4), latent_images_64=64, latent_images_128=32,
             unet_phase_64=Phase(30, 8, 5e-4), unet_phase_128=Phase(10, 4, 2e-4),
         )
 

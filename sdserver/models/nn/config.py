@@ -51,9 +51,6 @@ class VAEConfig:
     norm_groups: int = 32
     scaling_factor: float = 0.18215  # SD 1.x/2.x latent scale; SDXL uses 0.13025
     mid_attention: bool = True
-    # The original's 1e-6. A tiny model trained from scratch may record a larger one: with a tiny epsilon, a
-    # flat colour normalises to the same pattern whatever its value, and the encoder loses absolute colour.
-    norm_eps: float = 1e-6
 
     @property
     def downscale(self) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -12,23 +10,16 @@ from sdserver.models.nn.config import VAEConfig
 from sdserver.models.nn.layers import Upsample, group_norm
 
 
-@dataclass(frozen=True)
-class NormSpec:
-    """How every GroupNorm in the autoencoder is made: the group count and epsilon from the config."""
-
-    groups: int
-    eps: float
-
-    def __call__(self, channels: int) -> nn.GroupNorm:
-        return group_norm(channels, self.groups, eps=self.eps)
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return group_norm(channels, groups, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, norm: NormSpec) -> None:
+    def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
         super().__init__()
-        self.norm1 = norm(in_channels)
+        self.norm1 = _norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = norm(out_channels)
+        self.norm2 = _norm(out_channels, groups)
         self.dropout = nn.Dropout(0.0)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -44,9 +35,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels; q/k/v/proj_out are 1x1 convs as in the original weights."""
 
-    def __init__(self, channels: int, norm: NormSpec) -> None:
+    def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
-        self.norm = norm(channels)
+        self.norm = _norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -71,12 +62,12 @@ class Downsample(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, channels: int, norm: NormSpec, attention: bool) -> None:
+    def __init__(self, channels: int, groups: int, attention: bool) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, norm)
+        self.block_1 = ResnetBlock(channels, channels, groups)
         if attention:
-            self.attn_1 = AttnBlock(channels, norm)
-        self.block_2 = ResnetBlock(channels, channels, norm)
+            self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block_1(x)
@@ -95,7 +86,7 @@ class _Level(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
-        ch, g = cfg.base_channels, NormSpec(cfg.norm_groups, cfg.norm_eps)
+        ch, g = cfg.base_channels, cfg.norm_groups
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         block_in = ch
@@ -109,7 +100,7 @@ class Encoder(nn.Module):
                 level.downsample = Downsample(block_in)
             self.down.append(level)
         self.mid = _Mid(block_in, g, cfg.mid_attention)
-        self.norm_out = g(block_in)
+        self.norm_out = _norm(block_in, g)
         self.conv_out = nn.Conv2d(block_in, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +117,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
-        ch, g = cfg.base_channels, NormSpec(cfg.norm_groups, cfg.norm_eps)
+        ch, g = cfg.base_channels, cfg.norm_groups
         block_in = ch * cfg.channel_mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
         self.mid = _Mid(block_in, g, cfg.mid_attention)
@@ -142,7 +133,7 @@ class Decoder(nn.Module):
             levels.insert(0, level)
         # Stored lowest-resolution-last, as the original, so keys read `up.3` for the first level decoded.
         self.up = nn.ModuleList(levels)
-        self.norm_out = g(block_in)
+        self.norm_out = _norm(block_in, g)
         self.conv_out = nn.Conv2d(block_in, cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
