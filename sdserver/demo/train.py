@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from sdserver.demo import dataset
 from sdserver.models.nn.clip import CLIPTextModel
 from sdserver.models.nn.config import TextEncoderConfig, UNetConfig, VAEConfig
-from sdserver.models.nn.unet import UNetModel
+from sdserver.models.nn.unet import ResBlock, SpatialTransformer, UNetModel
 from sdserver.models.nn.vae import AutoencoderKL
 from sdserver.models.tokenizer import CLIPTokenizer
 
@@ -218,6 +218,24 @@ def train_diffusion(
         bar.update(step + 1, loss=loss.item())
 
 
+def zero_init_outputs(unet: UNetModel) -> UNetModel:
+    """The original LDM initialisation: each residual branch's last layer and the output conv start at zero,
+    so the freshly built UNet is a stack of identities that trains stably from scratch."""
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, ResBlock):
+                last = module.out_layers[-1]
+            elif isinstance(module, SpatialTransformer):
+                last = module.proj_out
+            else:
+                continue
+            last.weight.zero_()
+            last.bias.zero_()
+        unet.out[-1].weight.zero_()
+        unet.out[-1].bias.zero_()
+    return unet
+
+
 def latent_scale(latents: torch.Tensor) -> float:
     """1/std of the latents, so the diffusion model sees unit-variance data (SD's 0.18215 was found the same way)."""
     return float(1.0 / latents.float().std())
@@ -286,7 +304,7 @@ def train(cfg: TrainConfig, out: Path, workdir: Path) -> Path:
     empty = tokenize(tokenizer, [""])[0]
     used = set(torch.cat([tok64.unique(), tok128.unique(), empty.unique()]).tolist())
 
-    unet, text = UNetModel(cfg.unet), CLIPTextModel(cfg.text)
+    unet, text = zero_init_outputs(UNetModel(cfg.unet)), CLIPTextModel(cfg.text)
     ema = (copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False))
     train_diffusion(unet, text, ema, lat64, tok64, empty, cfg.unet_phase_64, cfg, gen, "unet 64px")
     train_diffusion(unet, text, ema, lat128, tok128, empty, cfg.unet_phase_128, cfg, gen, "unet 128px")
