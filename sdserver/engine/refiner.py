@@ -14,8 +14,8 @@ batch is encoded as zeros (sgm's force_zero_embeddings, as A1111 asks for it).
 Every batch starts on the base model, as A1111 reloads it per batch; the refiner is loaded once, at the first
 switch, and kept for the job's later batches. Images are decoded by the model sampling ended on. With the hires
 fix, A1111's hires_fix_refiner_pass ("second pass" by default) says in which pass(es) the switch may happen; a
-hires pass starts on the model its first pass ended on. The batch loops follow sdserver.pipeline's txt2img,
-img2img and hires phases, with the switching denoiser in place of the plain one.
+hires pass starts on the model its first pass ended on. The batch loops are sdserver.pipeline's txt2img,
+img2img and hires phases; RefinerDenoisers is the DenoiserFactory that gives them the switching denoiser.
 """
 
 from __future__ import annotations
@@ -36,27 +36,24 @@ from sdserver.models.family_sdxl import is_refiner, refiner_vector
 from sdserver.models.sd_model import SDModel
 from sdserver.pipeline.cfg import CFGDenoiser, Guidance
 from sdserver.pipeline.conditioning import TextEncoderCache, is_empty_prompt, map_text_conditioning, zeroed
-from sdserver.pipeline.denoise import PassResult, guided_denoiser, make_rng, masked_denoiser, run_sampler
-from sdserver.pipeline.hires import PixelUpscale, hires_target, second_pass_sampling, upscale_first_pass
-from sdserver.pipeline.image_ops import finish_img2img_image
-from sdserver.pipeline.images import decode_latents, pil_to_tensor, preview_function, tensor_to_pil
-from sdserver.pipeline.img2img import (
-    encode_images, fill_latent, inpainting_conditioning, make_latent_mask, prepare_pixels,
-)
-from sdserver.pipeline.txt2img import BatchPlan, guidance_for, plan_batches, schedule_steps, vector_conditioning
-from sdserver.sampling import run
+from sdserver.pipeline.denoise import guided_denoiser, txt2img_image_conditioning
+from sdserver.pipeline.denoiser_factory import BatchDenoiser, DenoiserSpec, GuidedFn, ImageCond, Wrap
+from sdserver.pipeline.hires import PixelUpscale, txt2img_hires
+from sdserver.pipeline.img2img import img2img
+from sdserver.pipeline.txt2img import guidance_for, schedule_steps, txt2img, vector_conditioning
 from sdserver.sampling.discrete import DiscreteSchedule
 from sdserver.sampling.registry import SAMPLERS
+
+__all__ = [
+    "DISABLED_NAMES", "Checkpoints", "GuidedFn", "ModelSlot", "RefinerDenoisers", "RefinerJob", "SwitchRule",
+    "SwitchingDenoiser", "completed_ratio", "model_denoiser", "refined_hires", "refined_img2img", "refined_txt2img",
+    "refiner_guidance", "refiner_job", "refiner_route", "refiner_use", "resolve_refiner",
+    "txt2img_image_conditioning",  # re-exported: it lived here before the pipeline needed it
+]
 
 # A1111 names a disabled refiner these ways; sdserver also takes the hires field's "Use same checkpoint".
 DISABLED_NAMES = ("", "None", "none", "Use same checkpoint")
 _LAST_TIMESTEP = 999  # A1111's completed ratio is (999 - t) / 1000
-
-
-class GuidedFn(Protocol):
-    """A guided denoiser as the samplers call it (CFGDenoiser, or a masked denoiser around one)."""
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra: object) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -163,11 +160,6 @@ def model_denoiser(
     return guided_denoiser(slot.model, params.sampler, guidance, vector_conditioning(slot.model, width, height))
 
 
-def schedule_family(model: SDModel) -> str:
-    # The refiner is an SDXL model for schedules (Align Your Steps), as A1111's is_sdxl says.
-    return "sdxl" if is_refiner(model.spec) else model.family
-
-
 # ---- the job ------------------------------------------------------------------------------------------------
 
 
@@ -203,8 +195,7 @@ class RefinerJob:
 
     def denoiser(
         self, request: GenerationRequest, prompts: tuple[str, ...], negatives: tuple[str, ...], width: int,
-        height: int, steps: int, image_cond_for: Callable[[SDModel], torch.Tensor | None],
-        wrap: Callable[[SDModel, CFGDenoiser], GuidedFn], *, start: ModelSlot | None = None,
+        height: int, steps: int, image_cond_for: ImageCond, wrap: Wrap, *, start: ModelSlot | None = None,
         allow_switch: bool = True, params: SamplingParams | None = None, hires_steps: int | None = None,
     ) -> SwitchingDenoiser:
         """A pass's denoiser starting on `start` (default the base); it may switch to the refiner when
@@ -226,188 +217,54 @@ class RefinerJob:
         return SwitchingDenoiser(wrap(slot.model, build(slot)), slot.model, rule, switch)
 
 
-def _txt2img_batch(
-    job: RefinerJob, request: GenerationRequest, plan: BatchPlan, index: int, control: JobControl,
-    allow_switch: bool = True,
-) -> tuple[PassResult, SwitchingDenoiser]:
-    """One batch's txt2img sampling (phases 2-4 of sdserver.pipeline.txt2img), starting on the base."""
-    params = request.sampling
-    base = job.base.model
-    part = plan.batch(index)
-    prompts, negatives = plan.prompts[part], plan.negative_prompts[part]
-    shape = (base.latent_channels, request.height // base.latent_scale, request.width // base.latent_scale)
-    rng = make_rng(request.seeds, list(plan.seeds[part]), list(plan.subseeds[part]), shape, base.device)
-    sampling_plan = run.plan_txt2img(
-        params.sampler, params.scheduler, params.steps, DiscreteSchedule(base.alphas_cumprod),
-        sigma_min=params.sigma_min, sigma_max=params.sigma_max, rho=params.rho,
-        always_discard_next_to_last_sigma=params.always_discard_next_to_last_sigma,
-        family=schedule_family(base),
-    )
-    x = run.initial_latent(rng.next(), sampling_plan, sgm_noise_multiplier=params.sgm_noise_multiplier)
+@dataclass(frozen=True)
+class RefinerDenoisers:
+    """The pipeline's DenoiserFactory for a refiner job: a batch's denoiser starts on the model the pipeline
+    hands it (the base, or in a hires pass the refiner if the first pass ended there) and may switch. With
+    `hires`, A1111's hires_fix_refiner_pass says in which pass it may."""
 
-    def image_cond_for(model: SDModel) -> torch.Tensor | None:
-        if not model.is_inpainting:
-            return None
-        return txt2img_image_conditioning(model, len(prompts), request.width, request.height)
+    job: RefinerJob
+    request: GenerationRequest
+    hires: bool = False
 
-    denoiser = job.denoiser(request, prompts, negatives, request.width, request.height, params.steps,
-                            image_cond_for, lambda _m, cfg: cfg, allow_switch=allow_switch)
-    return run_sampler(params, sampling_plan, x, rng, denoiser, control, _preview(denoiser, request)), denoiser
+    def __call__(self, spec: DenoiserSpec) -> BatchDenoiser:
+        job = self.job
+        start = job.refiner if job.refiner is not None and spec.model is job.refiner.model else job.base
+        denoiser = job.denoiser(
+            self.request, spec.prompts, spec.negatives, spec.width, spec.height, spec.steps, spec.image_cond,
+            spec.wrap, start=start, allow_switch=self.may_switch(spec.second_pass), params=spec.params,
+            hires_steps=spec.hires_steps,
+        )
+        return BatchDenoiser(denoiser, lambda: denoiser.model)
 
-
-def _images(
-    model: SDModel, latents: torch.Tensor, plan: BatchPlan, index: int, auto_precision: bool = True
-) -> list[GeneratedImage]:
-    decoded = tensor_to_pil(decode_latents(model, latents, auto_precision=auto_precision))
-    start = plan.batch(index).start
-    return [
-        GeneratedImage(picture, plan.seeds[i], plan.subseeds[i], plan.prompts[i], plan.negative_prompts[i])
-        for i, picture in enumerate(decoded, start)
-    ]
+    def may_switch(self, second_pass: bool) -> bool:
+        if not self.hires:
+            return True
+        which = self.job.params.hires_pass if self.job.params is not None else HIRES_SECOND_PASS
+        return which != (HIRES_FIRST_PASS if second_pass else HIRES_SECOND_PASS)
 
 
 def refined_txt2img(job: RefinerJob, request: GenerationRequest, control: JobControl) -> tuple[list[GeneratedImage], bool]:
     """txt2img's batches through `job`; each image is decoded by the model its sampling ended on."""
-    plan = plan_batches(request)
-    images: list[GeneratedImage] = []
-    for index in range(request.n_iter):
-        control.begin_pass(index, request.n_iter, request.sampling.steps)
-        result, denoiser = _txt2img_batch(job, request, plan, index, control)
-        images += _images(denoiser.model, result.latents, plan, index, request.auto_vae_precision)
-        if result.stopped == "interrupted":
-            return images, True
-    return images, False
+    return txt2img(job.base.model, request, control, denoiser_factory=RefinerDenoisers(job, request))
 
 
 def refined_hires(
     job: RefinerJob, request: GenerationRequest, control: JobControl, pixel_upscale: PixelUpscale
 ) -> tuple[list[GeneratedImage], bool]:
-    """The hires fix through `job` (sdserver.pipeline.hires's passes). A1111's hires_fix_refiner_pass picks
-    the pass(es) the switch may happen in; a second pass starts on whichever model the first ended on."""
-    hires = request.hires
-    assert hires is not None
-    which = job.params.hires_pass if job.params is not None else HIRES_SECOND_PASS
-    plan = plan_batches(request)
-    target = hires_target(request.width, request.height, hires)
-    params2 = second_pass_sampling(request.sampling, hires)
-    images: list[GeneratedImage] = []
-    passes = request.n_iter * 2  # A1111 counts both passes of every batch as jobs
-    for index in range(request.n_iter):
-        control.begin_pass(index * 2, passes, request.sampling.steps)
-        result, first = _txt2img_batch(job, request, plan, index, control, allow_switch=which != HIRES_SECOND_PASS)
-        latents, stopped, model = result.latents, result.stopped, first.model
-        if stopped != "interrupted":
-            control.begin_pass(index * 2 + 1, passes, params2.steps)
-            start = job.refiner if first.switched_at is not None and job.refiner is not None else job.base
-            latents, stopped, model = _hires_batch(
-                job, start, request, params2, plan, index, control, latents, target, pixel_upscale,
-                allow_switch=which != HIRES_FIRST_PASS,
-            )
-        images += _images(model, latents, plan, index, request.auto_vae_precision)
-        if stopped == "interrupted":
-            return images, True
-    return images, False
-
-
-def _hires_batch(  # type: ignore[no-untyped-def]
-    job: RefinerJob, slot: ModelSlot, request: GenerationRequest, params2: SamplingParams, plan: BatchPlan,
-    index: int, control: JobControl, latents: torch.Tensor, target, pixel_upscale: PixelUpscale, allow_switch: bool,
-) -> tuple[torch.Tensor, str | None, SDModel]:
-    """One batch's hires pass (sdserver.pipeline.hires.second_pass) starting on `slot`."""
-    hires = request.hires
-    assert hires is not None
-    model = slot.model
-    part = plan.batch(index)
-    init = upscale_first_pass(model, model, latents, target, hires.upscaler, pixel_upscale, request.auto_vae_precision)
-    h, w = init.shape[-2:]
-    rng = make_rng(request.seeds, list(plan.seeds[part]), list(plan.subseeds[part]), (init.shape[1], h, w), model.device)
-    sampling_plan = run.plan_img2img(
-        params2.sampler, params2.scheduler, params2.steps, hires.denoising_strength,
-        DiscreteSchedule(model.alphas_cumprod), fix_steps=True, sigma_min=params2.sigma_min,
-        sigma_max=params2.sigma_max, rho=params2.rho,
-        always_discard_next_to_last_sigma=params2.always_discard_next_to_last_sigma, family=schedule_family(model),
-    )
-    x = run.noised_latent(init, rng.next(), sampling_plan)
-    prompts = (hires.prompt,) * len(plan.prompts[part]) if hires.prompt else plan.prompts[part]
-    negatives = (hires.negative_prompt,) * len(prompts) if hires.negative_prompt else plan.negative_prompts[part]
-    steps2 = params2.steps * (2 if SAMPLERS[params2.sampler].second_order else 1)
-    width, height = w * model.latent_scale, h * model.latent_scale
-
-    def image_cond_for(on: SDModel) -> torch.Tensor | None:
-        # A1111's hires pass hands inpainting models the whole upscaled image masked, i.e. grey.
-        return txt2img_image_conditioning(on, len(prompts), width, height) if on.is_inpainting else None
-
-    denoiser = job.denoiser(request, prompts, negatives, width, height, sampling_plan.steps, image_cond_for,
-                            lambda _m, cfg: cfg, start=slot, allow_switch=allow_switch, params=params2,
-                            hires_steps=steps2)
-    result = run_sampler(params2, sampling_plan, x, rng, denoiser, control, _preview(denoiser, request))
-    return result.latents, result.stopped, denoiser.model
-
-
-def txt2img_image_conditioning(model: SDModel, count: int, width: int, height: int) -> torch.Tensor:
-    """What an inpainting model is given in txt2img (A1111's txt2img_image_conditioning): everything masked
-    over a mid-grey image (0 in [-1, 1])."""
-    latent_hw = (height // model.latent_scale, width // model.latent_scale)
-    return inpainting_conditioning(model, torch.zeros(count, 3, height, width), None, 1.0, latent_hw)
+    """The hires fix through `job`; a second pass starts on whichever model the first ended on."""
+    factory = RefinerDenoisers(job, request, hires=True)
+    return txt2img_hires(job.base.model, request, control, pixel_upscale, denoiser_factory=factory)
 
 
 def refined_img2img(
     job: RefinerJob, request: GenerationRequest, control: JobControl, inpainting_mask_weight: float = 1.0
 ) -> tuple[list[GeneratedImage], bool]:
-    """img2img and inpainting batches through `job` (the phases of sdserver.pipeline.img2img)."""
-    params = request.sampling
-    prepared = prepare_pixels(request, None)
-    plan = plan_batches(request)
-    images: list[GeneratedImage] = []
-    for index in range(request.n_iter):
-        base = job.base.model
-        part = plan.batch(index)
-        count = part.stop - part.start
-        batch_images = [prepared.images[(part.start + k) % len(prepared.images)] for k in range(count)]
-        init = encode_images(base, batch_images, request.width, request.height)
-        mask = make_latent_mask(prepared, init, request.inpaint.mask_round if request.inpaint else True)
-        shape = tuple(init.shape[1:])
-        seeds, subseeds = list(plan.seeds[part]), list(plan.subseeds[part])
-        rng = make_rng(request.seeds, seeds, subseeds, shape, base.device)  # type: ignore[arg-type]
-        sampling_plan = run.plan_img2img(
-            params.sampler, params.scheduler, params.steps, request.denoising_strength,
-            DiscreteSchedule(base.alphas_cumprod), fix_steps=request.img2img_fix_steps, sigma_min=params.sigma_min,
-            sigma_max=params.sigma_max, rho=params.rho,
-            always_discard_next_to_last_sigma=params.always_discard_next_to_last_sigma, family=schedule_family(base),
-        )
-        control.begin_pass(index, request.n_iter, sampling_plan.steps)
-        noise = rng.next() * request.initial_noise_multiplier
-        fill = request.inpaint.fill if request.inpaint else 1
-        start = fill_latent(init, mask, fill, lambda: make_rng(request.seeds, seeds, subseeds, shape, base.device).next())  # type: ignore[arg-type]
-        x = run.noised_latent(start, noise, sampling_plan)
-        pixels = pil_to_tensor(batch_images)
-
-        def image_cond_for(model: SDModel) -> torch.Tensor | None:
-            if not model.is_inpainting:
-                return None
-            return inpainting_conditioning(model, pixels, prepared.mask, inpainting_mask_weight, tuple(init.shape[-2:]))
-
-        def wrap(model: SDModel, cfg: CFGDenoiser) -> GuidedFn:
-            # A1111 holds the unmasked latent at the base's encoding for whichever model samples.
-            return cfg if mask is None or model.is_inpainting else masked_denoiser(cfg, params.sampler, start, mask.keep, mask.regen)
-
-        denoiser = job.denoiser(request, plan.prompts[part], plan.negative_prompts[part], request.width,
-                                request.height, sampling_plan.steps, image_cond_for, wrap)
-        result = run_sampler(params, sampling_plan, x, rng, denoiser, control, _preview(denoiser, request))  # type: ignore[arg-type]
-        latents = result.latents if mask is None else mask.blend(start, result.latents)
-        with torch.no_grad():
-            decoded = tensor_to_pil(decode_latents(denoiser.model, latents, auto_precision=request.auto_vae_precision))
-        for k, picture in enumerate(decoded):
-            i = part.start + k
-            final = finish_img2img_image(picture, prepared, i)
-            images.append(GeneratedImage(final, plan.seeds[i], plan.subseeds[i], plan.prompts[i], plan.negative_prompts[i]))
-        if result.stopped == "interrupted":
-            return images, True
-    return images, False
-
-
-def _preview(denoiser: SwitchingDenoiser, request: GenerationRequest) -> Callable[[torch.Tensor], object]:
-    return lambda latent: preview_function(denoiser.model, request.preview_method)(latent)
+    """img2img and inpainting batches through `job`."""
+    return img2img(
+        job.base.model, request, control, inpainting_mask_weight=inpainting_mask_weight,
+        denoiser_factory=RefinerDenoisers(job, request),
+    )
 
 
 # ---- engine glue ----------------------------------------------------------------------------------------------

@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 
 from sdserver.engine.types import Interrupted, JobControl, SamplingParams, SeedParams, Skipped
+from sdserver.models.family_sdxl import is_refiner
 from sdserver.models.sd_model import SDModel
 from sdserver.pipeline.cfg import CFGDenoiser, Guidance, InputMaskedDenoiser, OutputMaskedDenoiser
+from sdserver.pipeline.denoiser_factory import GuidedFn
 from sdserver.sampling import run
 from sdserver.sampling.discrete import DenoiserFn, DiscreteSchedule
 from sdserver.sampling.noise import ImageRNG
@@ -46,7 +49,7 @@ def run_sampler(
     plan: SamplingPlan,
     x: torch.Tensor,
     rng: ImageRNG,
-    cfg: CFGDenoiser,
+    cfg: GuidedFn,
     control: JobControl,
     preview: Callable[[torch.Tensor], Image.Image],
     *,
@@ -76,11 +79,24 @@ def run_sampler(
     return PassResult(samples)
 
 
+def schedule_family(model: SDModel) -> str:
+    # The SDXL refiner is an SDXL model for schedules (Align Your Steps), as A1111's is_sdxl says.
+    return "sdxl" if is_refiner(model.spec) else model.family
+
+
 def txt2img_plan(model: SDModel, params: SamplingParams) -> SamplingPlan:
     return run.plan_txt2img(
         params.sampler, params.scheduler, params.steps, DiscreteSchedule(model.alphas_cumprod),
         sigma_min=params.sigma_min, sigma_max=params.sigma_max, rho=params.rho,
-        always_discard_next_to_last_sigma=params.always_discard_next_to_last_sigma, family=model.family,
+        always_discard_next_to_last_sigma=params.always_discard_next_to_last_sigma, family=schedule_family(model),
+    )
+
+
+def img2img_plan(model: SDModel, params: SamplingParams, strength: float, fix_steps: bool) -> SamplingPlan:
+    return run.plan_img2img(
+        params.sampler, params.scheduler, params.steps, strength, DiscreteSchedule(model.alphas_cumprod),
+        fix_steps=fix_steps, sigma_min=params.sigma_min, sigma_max=params.sigma_max, rho=params.rho,
+        always_discard_next_to_last_sigma=params.always_discard_next_to_last_sigma, family=schedule_family(model),
     )
 
 
@@ -98,3 +114,32 @@ def masked_denoiser(
     if get_sampler(sampler_id).kind == "timestep":
         return InputMaskedDenoiser(denoiser, init, keep, regen)
     return OutputMaskedDenoiser(denoiser, init, keep, regen)
+
+
+@torch.no_grad()
+def inpainting_conditioning(
+    model: SDModel, pixels: torch.Tensor, mask: Image.Image | None, weight: float, latent_hw: tuple[int, int]
+) -> torch.Tensor:
+    """Extra UNet input of 9-channel inpainting models: the mask and the latent of the masked image.
+
+    `weight` is A1111's inpainting_mask_weight: 1 hides the masked pixels fully, 0 shows the whole image.
+    """
+    b, _, height, width = pixels.shape
+    if mask is None:
+        pixel_mask = torch.ones(1, 1, height, width)
+    else:
+        arr = np.asarray(mask.convert("L").resize((width, height)), dtype=np.float32) / 255.0
+        pixel_mask = torch.from_numpy(np.round(arr))[None, None]
+    masked = torch.lerp(pixels, pixels * (1.0 - pixel_mask), weight)
+    cond_latent = model.encode_image(masked.to(model.device))
+    small_mask = torch.nn.functional.interpolate(pixel_mask, size=latent_hw).to(cond_latent.device)
+    return torch.cat([small_mask.expand(b, -1, -1, -1), cond_latent], dim=1)
+
+
+def txt2img_image_conditioning(model: SDModel, count: int, width: int, height: int) -> torch.Tensor | None:
+    """What an inpainting model is given in txt2img (A1111's txt2img_image_conditioning): everything masked
+    over a mid-grey image (0 in [-1, 1]). Other models take nothing."""
+    if not model.is_inpainting:
+        return None
+    latent_hw = (height // model.latent_scale, width // model.latent_scale)
+    return inpainting_conditioning(model, torch.zeros(count, 3, height, width), None, 1.0, latent_hw)

@@ -12,13 +12,14 @@ from PIL import Image
 from sdserver.engine.types import GeneratedImage, GenerationRequest, HiresParams, JobControl, SamplingParams
 from sdserver.models.sd_model import SDModel
 from sdserver.pipeline.conditioning import TextEncoderCache
-from sdserver.pipeline.denoise import guided_denoiser, make_rng, run_sampler
-from sdserver.pipeline.images import decode_latents, pil_to_tensor, preview_function, tensor_to_pil
+from sdserver.pipeline.denoise import img2img_plan, make_rng, txt2img_image_conditioning
+from sdserver.pipeline.denoiser_factory import DenoiserFactory, DenoiserSpec
+from sdserver.pipeline.images import decode_latents, pil_to_tensor, tensor_to_pil
 from sdserver.pipeline.txt2img import (
-    conditioning_options, decode, guidance_for, plan_batches, sample_batch, schedule_steps, vector_conditioning,
+    GuidedDenoisers, conditioning_options, decode, generated_images, plan_batches, sample_batch, sample_with,
+    schedule_steps,
 )
 from sdserver.sampling import run
-from sdserver.sampling.discrete import DiscreteSchedule
 from sdserver.sampling.registry import SAMPLERS
 from sdserver.upscalers.latent import is_latent_mode, upscale_latent
 
@@ -83,64 +84,72 @@ def upscale_first_pass(
 
 def txt2img_hires(
     model: SDModel, request: GenerationRequest, control: JobControl, pixel_upscale: PixelUpscale,
-    cache: TextEncoderCache | None = None, hires_model: SDModel | None = None,
+    cache: TextEncoderCache | None = None, hires_model: SDModel | None = None, *,
+    denoiser_factory: DenoiserFactory | None = None,
 ) -> tuple[list[GeneratedImage], bool]:
-    """`hires_model` runs the second pass (A1111's hr_checkpoint_name); None: the same model."""
+    """`hires_model` runs the second pass (A1111's hr_checkpoint_name); None: the model the first pass ended
+    on. `denoiser_factory` replaces GuidedDenoisers in both passes, and must know every model it is handed."""
     hires = request.hires
     assert hires is not None
     plan = plan_batches(request)
-    cache = cache or TextEncoderCache(model, conditioning_options(request))
-    second = (model, cache) if hires_model is None else (
-        hires_model, TextEncoderCache(hires_model, conditioning_options(request), cache.embeddings, cache.token_embeds)
-    )
+    if denoiser_factory is None:
+        first_factory, second_factory = guided_denoisers(model, request, cache, hires_model)
+    else:
+        first_factory = second_factory = denoiser_factory
     target = hires_target(request.width, request.height, hires)
     params2 = second_pass_sampling(request.sampling, hires)
-    first_steps = request.sampling.steps
     images: list[GeneratedImage] = []
     passes = request.n_iter * 2  # A1111 counts both passes of every batch as jobs
     for index in range(request.n_iter):
-        control.begin_pass(index * 2, passes, first_steps)
-        latents, stopped = sample_batch(model, request, plan, index, cache, control, request.width, request.height)
-        part = plan.batch(index)
+        control.begin_pass(index * 2, passes, request.sampling.steps)
+        latents, stopped, ended_on = sample_batch(
+            model, request, plan, index, first_factory, control, request.width, request.height
+        )
         if stopped != "interrupted":
             control.begin_pass(index * 2 + 1, passes, params2.steps)
-            latents, stopped = second_pass(
-                model, second, request, params2, hires, plan, index, control, latents, target, pixel_upscale
+            latents, stopped, ended_on = second_pass(
+                ended_on, hires_model or ended_on, second_factory, request, params2, hires, plan, index, control,
+                latents, target, pixel_upscale,
             )
-        for k, picture in enumerate(decode(second[0] if stopped != "interrupted" else model, latents, request.auto_vae_precision)):
-            i = part.start + k
-            images.append(GeneratedImage(picture, plan.seeds[i], plan.subseeds[i], plan.prompts[i], plan.negative_prompts[i]))
+        images += generated_images(plan, index, decode(ended_on, latents, request.auto_vae_precision))
         if stopped == "interrupted":
             return images, True
     return images, False
 
 
+def guided_denoisers(
+    model: SDModel, request: GenerationRequest, cache: TextEncoderCache | None, hires_model: SDModel | None
+) -> tuple[DenoiserFactory, DenoiserFactory]:
+    """The default factories of the two passes; a hires checkpoint gets a cache sharing the embeddings."""
+    cache = cache or TextEncoderCache(model, conditioning_options(request))
+    if hires_model is None:
+        return GuidedDenoisers(cache), GuidedDenoisers(cache)
+    hires_cache = TextEncoderCache(hires_model, conditioning_options(request), cache.embeddings, cache.token_embeds)
+    return GuidedDenoisers(cache), GuidedDenoisers(hires_cache)
+
+
 def second_pass(  # type: ignore[no-untyped-def]
-    first_model, second, request, params2, hires, plan, index, control, latents, target, pixel_upscale
-) -> tuple[torch.Tensor, str | None]:
-    """The hires pass of one batch: upscale, noise to the entry level, sample with exactly the hires steps."""
-    model, cache = second
+    first_model, model, factory, request, params2, hires, plan, index, control, latents, target, pixel_upscale
+) -> tuple[torch.Tensor, str | None, SDModel]:
+    """The hires pass of one batch on `model`: upscale, noise to the entry level, sample with exactly the hires
+    steps. Returns the latents, how sampling stopped and the model it ended on."""
     part = plan.batch(index)
     init = upscale_first_pass(
         first_model, model, latents, target, hires.upscaler, pixel_upscale, request.auto_vae_precision
     )
     h, w = init.shape[-2:]
     rng = make_rng(request.seeds, list(plan.seeds[part]), list(plan.subseeds[part]), (init.shape[1], h, w), model.device)
-    sampling_plan = run.plan_img2img(
-        params2.sampler, params2.scheduler, params2.steps, hires.denoising_strength,
-        DiscreteSchedule(model.alphas_cumprod), fix_steps=True, sigma_min=params2.sigma_min,
-        sigma_max=params2.sigma_max, rho=params2.rho,
-        always_discard_next_to_last_sigma=params2.always_discard_next_to_last_sigma, family=model.family,
-    )
+    sampling_plan = img2img_plan(model, params2, hires.denoising_strength, fix_steps=True)
     x = run.noised_latent(init, rng.next(), sampling_plan)
     prompts = (hires.prompt,) * len(plan.prompts[part]) if hires.prompt else plan.prompts[part]
     negatives = (hires.negative_prompt,) * len(prompts) if hires.negative_prompt else plan.negative_prompts[part]
-    steps2 = params2.steps * (2 if SAMPLERS[params2.sampler].second_order else 1)
-    # A1111's prompt-editing timeline spans both passes: integer steps past the first pass land in this one.
-    guidance = guidance_for(
-        cache, prompts, negatives, schedule_steps(request), params2.cfg_scale, params2.s_min_uncond, hires_steps=steps2
-    )
     width, height = w * model.latent_scale, h * model.latent_scale
-    cfg = guided_denoiser(model, params2.sampler, guidance, vector_conditioning(model, width, height))
-    result = run_sampler(params2, sampling_plan, x, rng, cfg, control, preview_function(model, request.preview_method))
-    return result.latents, result.stopped
+    batch = factory(DenoiserSpec(
+        model, params2, prompts, negatives, width, height, sampling_plan.steps, schedule_steps(request),
+        # A1111's hires pass hands inpainting models the whole upscaled image masked, i.e. grey.
+        lambda on: txt2img_image_conditioning(on, len(prompts), width, height),
+        # A1111's prompt-editing timeline spans both passes: integer steps past the first pass land in this one.
+        hires_steps=params2.steps * (2 if SAMPLERS[params2.sampler].second_order else 1),
+    ))
+    result = sample_with(batch, params2, sampling_plan, x, rng, control, request.preview_method)
+    return result.latents, result.stopped, batch.model()

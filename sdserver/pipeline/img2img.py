@@ -6,22 +6,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 
 from sdserver.engine.types import GeneratedImage, GenerationRequest, JobControl
 from sdserver.models.sd_model import SDModel
+from sdserver.pipeline.cfg import CFGDenoiser
 from sdserver.pipeline.conditioning import TextEncoderCache
-from sdserver.pipeline.denoise import guided_denoiser, make_rng, masked_denoiser, run_sampler
+from sdserver.pipeline.denoise import img2img_plan, inpainting_conditioning, make_rng, masked_denoiser
+from sdserver.pipeline.denoiser_factory import DenoiserFactory, DenoiserSpec, GuidedFn
 from sdserver.pipeline.image_ops import Img2ImgImages, UpscalerFn, finish_img2img_image, latent_mask, prepare_img2img_images
-from sdserver.pipeline.images import decode_latents, pil_to_tensor, preview_function, tensor_to_pil
+from sdserver.pipeline.images import pil_to_tensor
 from sdserver.pipeline.txt2img import (
-    conditioning_options, guidance_for, plan_batches, schedule_steps, vector_conditioning,
+    GuidedDenoisers, conditioning_options, decode, generated_images, plan_batches, sample_with, schedule_steps,
 )
 from sdserver.sampling import run
-from sdserver.sampling.discrete import DiscreteSchedule
 from sdserver.upscalers.latent import upscale_latent
+
 
 @dataclass(frozen=True)
 class LatentMask:
@@ -67,26 +68,6 @@ def make_latent_mask(prepared: Img2ImgImages, latent: torch.Tensor, round_mask: 
     return LatentMask(keep=1.0 - regen, regen=regen)
 
 
-@torch.no_grad()
-def inpainting_conditioning(
-    model: SDModel, pixels: torch.Tensor, mask: Image.Image | None, weight: float, latent_hw: tuple[int, int]
-) -> torch.Tensor:
-    """Extra UNet input of 9-channel inpainting models: the mask and the latent of the masked image.
-
-    `weight` is A1111's inpainting_mask_weight: 1 hides the masked pixels fully, 0 shows the whole image.
-    """
-    b, _, height, width = pixels.shape
-    if mask is None:
-        pixel_mask = torch.ones(1, 1, height, width)
-    else:
-        arr = np.asarray(mask.convert("L").resize((width, height)), dtype=np.float32) / 255.0
-        pixel_mask = torch.from_numpy(np.round(arr))[None, None]
-    masked = torch.lerp(pixels, pixels * (1.0 - pixel_mask), weight)
-    cond_latent = model.encode_image(masked.to(model.device))
-    small_mask = torch.nn.functional.interpolate(pixel_mask, size=latent_hw).to(cond_latent.device)
-    return torch.cat([small_mask.expand(b, -1, -1, -1), cond_latent], dim=1)
-
-
 def fill_latent(init: torch.Tensor, mask: LatentMask | None, fill: int, rng_noise: Callable[[], torch.Tensor]) -> torch.Tensor:
     """Latent pre-fills: 2 "latent noise" puts fresh noise under the mask, 3 "latent nothing" zeros it."""
     if mask is None or fill not in (2, 3):
@@ -98,14 +79,14 @@ def fill_latent(init: torch.Tensor, mask: LatentMask | None, fill: int, rng_nois
 def img2img(
     model: SDModel, request: GenerationRequest, control: JobControl, cache: TextEncoderCache | None = None, *,
     upscaler_fn: UpscalerFn | None = None, inpainting_mask_weight: float = 1.0,
+    denoiser_factory: DenoiserFactory | None = None,
 ) -> tuple[list[GeneratedImage], bool]:
     """`upscaler_fn(image, scale)` enlarges init images smaller than the target (A1111's
-    upscaler_for_img2img); None resizes with Lanczos."""
+    upscaler_for_img2img); None resizes with Lanczos. `denoiser_factory` replaces GuidedDenoisers(cache)."""
     params = request.sampling
     prepared = prepare_pixels(request, upscaler_fn)
     plan = plan_batches(request)
-    cache = cache or TextEncoderCache(model, conditioning_options(request))
-    sched = DiscreteSchedule(model.alphas_cumprod)
+    factory = denoiser_factory or GuidedDenoisers(cache or TextEncoderCache(model, conditioning_options(request)))
     images: list[GeneratedImage] = []
     for index in range(request.n_iter):
         part = plan.batch(index)
@@ -114,39 +95,34 @@ def img2img(
         init = encode_images(model, batch_images, request.width, request.height)
         mask = make_latent_mask(prepared, init, request.inpaint.mask_round if request.inpaint else True)
         shape = tuple(init.shape[1:])
-        rng = make_rng(request.seeds, list(plan.seeds[part]), list(plan.subseeds[part]), shape, model.device)
-        sampling_plan = run.plan_img2img(
-            params.sampler, params.scheduler, params.steps, request.denoising_strength, sched,
-            fix_steps=request.img2img_fix_steps, sigma_min=params.sigma_min, sigma_max=params.sigma_max,
-            rho=params.rho, always_discard_next_to_last_sigma=params.always_discard_next_to_last_sigma,
-            family=model.family,
-        )
+        seeds, subseeds = list(plan.seeds[part]), list(plan.subseeds[part])
+        rng = make_rng(request.seeds, seeds, subseeds, shape, model.device)  # type: ignore[arg-type]
+        sampling_plan = img2img_plan(model, params, request.denoising_strength, request.img2img_fix_steps)
         control.begin_pass(index, request.n_iter, sampling_plan.steps)
         noise = rng.next() * request.initial_noise_multiplier
         fill = request.inpaint.fill if request.inpaint else 1
-        start = fill_latent(init, mask, fill, lambda: make_rng(
-            request.seeds, list(plan.seeds[part]), list(plan.subseeds[part]), shape, model.device).next())
+        start = fill_latent(init, mask, fill, lambda: make_rng(request.seeds, seeds, subseeds, shape, model.device).next())  # type: ignore[arg-type]
         x = run.noised_latent(start, noise, sampling_plan)
-        image_cond = None
-        if model.is_inpainting:
-            pixels = pil_to_tensor(batch_images)
-            image_cond = inpainting_conditioning(model, pixels, prepared.mask, inpainting_mask_weight, tuple(init.shape[-2:]))
-        guidance = guidance_for(
-            cache, plan.prompts[part], plan.negative_prompts[part], schedule_steps(request), params.cfg_scale,
-            params.s_min_uncond, image_cond,
-        )
-        cfg = guided_denoiser(model, params.sampler, guidance, vector_conditioning(model, request.width, request.height))
-        denoiser = cfg if mask is None or model.is_inpainting else masked_denoiser(cfg, params.sampler, start, mask.keep, mask.regen)
-        result = run_sampler(params, sampling_plan, x, rng, denoiser, control, preview_function(model, request.preview_method))
+        pixels = pil_to_tensor(batch_images)
+
+        def image_cond(on: SDModel) -> torch.Tensor | None:
+            if not on.is_inpainting:
+                return None
+            return inpainting_conditioning(on, pixels, prepared.mask, inpainting_mask_weight, tuple(init.shape[-2:]))
+
+        def wrap(on: SDModel, cfg: CFGDenoiser) -> GuidedFn:
+            # A1111 holds the unmasked latent at the first model's encoding, whichever model samples.
+            return cfg if mask is None or on.is_inpainting else masked_denoiser(cfg, params.sampler, start, mask.keep, mask.regen)
+
+        batch = factory(DenoiserSpec(
+            model, params, plan.prompts[part], plan.negative_prompts[part], request.width, request.height,
+            sampling_plan.steps, schedule_steps(request), image_cond, wrap,
+        ))
+        result = sample_with(batch, params, sampling_plan, x, rng, control, request.preview_method)
         latents = result.latents if mask is None else mask.blend(start, result.latents)
-        with torch.no_grad():
-            decoded = tensor_to_pil(decode_latents(model, latents, auto_precision=request.auto_vae_precision))
-        for k, picture in enumerate(decoded):
-            i = part.start + k
-            final = finish_img2img_image(picture, prepared, i)
-            images.append(GeneratedImage(final, plan.seeds[i], plan.subseeds[i], plan.prompts[i], plan.negative_prompts[i]))
+        decoded = decode(batch.model(), latents, request.auto_vae_precision)
+        finished = [finish_img2img_image(picture, prepared, part.start + k) for k, picture in enumerate(decoded)]
+        images += generated_images(plan, index, finished)
         if result.stopped == "interrupted":
             return images, True
     return images, False
-
-

@@ -1,21 +1,31 @@
-"""txt2img as numbered phases: prompts and seeds → conditioning → noise → sampling → decoding."""
+"""txt2img as numbered phases: prompts and seeds → conditioning → noise → sampling → decoding.
+
+Each phase's batch loop takes an optional `denoiser_factory` (sdserver.pipeline.denoiser_factory): the guided
+denoiser a batch samples with and the model that decodes it come from there; the default, GuidedDenoisers,
+guides the phase's own model."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
-from sdserver.engine.types import GeneratedImage, GenerationRequest, JobControl
+from sdserver.engine.types import GeneratedImage, GenerationRequest, JobControl, SamplingParams
 from sdserver.models.sd_model import SDModel
 from sdserver.pipeline.cfg import Guidance
 from sdserver.pipeline.conditioning import (
     ConditioningOptions, TextEncoderCache, condition_prompt, is_empty_prompt, map_text_conditioning, zeroed,
 )
-from sdserver.pipeline.denoise import guided_denoiser, make_rng, run_sampler, txt2img_plan
+from sdserver.pipeline.denoise import (
+    PassResult, guided_denoiser, make_rng, run_sampler, txt2img_image_conditioning, txt2img_plan,
+)
+from sdserver.pipeline.denoiser_factory import BatchDenoiser, DenoiserFactory, DenoiserSpec
 from sdserver.pipeline.images import decode_latents, preview_function, tensor_to_pil
 from sdserver.sampling import run
+from sdserver.sampling.noise import ImageRNG
 from sdserver.sampling.registry import SAMPLERS
+from sdserver.sampling.run import SamplingPlan
 
 
 @dataclass(frozen=True)
@@ -76,42 +86,80 @@ def decode(model: SDModel, latents: torch.Tensor, auto_precision: bool = True) -
         return tensor_to_pil(decode_latents(model, latents, auto_precision=auto_precision))
 
 
+def generated_images(plan: BatchPlan, index: int, pictures: list[Image.Image]) -> list[GeneratedImage]:
+    """Phase 5's output: batch `index`'s pictures with the seeds and prompts that made them."""
+    start = plan.batch(index).start
+    return [
+        GeneratedImage(picture, plan.seeds[i], plan.subseeds[i], plan.prompts[i], plan.negative_prompts[i])
+        for i, picture in enumerate(pictures, start)
+    ]
+
+
+@dataclass(frozen=True)
+class GuidedDenoisers:
+    """The default DenoiserFactory: classifier-free guidance of the spec's model on `cache`'s conditioning."""
+
+    cache: TextEncoderCache
+
+    def __call__(self, spec: DenoiserSpec) -> BatchDenoiser:
+        model, params = spec.model, spec.params
+        guidance = guidance_for(
+            self.cache, spec.prompts, spec.negatives, spec.schedule_steps, params.cfg_scale, params.s_min_uncond,
+            spec.image_cond(model), hires_steps=spec.hires_steps,
+        )
+        cfg = guided_denoiser(model, params.sampler, guidance, vector_conditioning(model, spec.width, spec.height))
+        return BatchDenoiser(spec.wrap(model, cfg), lambda: model)
+
+
+def sample_with(
+    batch: BatchDenoiser, params: SamplingParams, plan: SamplingPlan, x: torch.Tensor, rng: ImageRNG,
+    control: JobControl, preview_method: str,
+) -> PassResult:
+    """Phase 4: the sampler over `batch`'s denoiser; previews decode with the model it is on at the time."""
+
+    def preview(latent: torch.Tensor) -> Image.Image:
+        return preview_function(batch.model(), preview_method)(latent)
+
+    return run_sampler(params, plan, x, rng, batch.fn, control, preview)
+
+
 @torch.no_grad()
 def sample_batch(
-    model: SDModel, request: GenerationRequest, plan: BatchPlan, index: int, cache: TextEncoderCache,
+    model: SDModel, request: GenerationRequest, plan: BatchPlan, index: int, factory: DenoiserFactory,
     control: JobControl, width: int, height: int,
-) -> tuple[torch.Tensor, str | None]:
-    """Phases 2-4 for one batch: conditioning, initial noise, sampling. Returns latents and how it stopped."""
+) -> tuple[torch.Tensor, str | None, SDModel]:
+    """Phases 2-4 for one batch: initial noise, conditioning, sampling. Returns the latents, how sampling
+    stopped and the model it ended on."""
     params = request.sampling
     part = plan.batch(index)
-    guidance = guidance_for(
-        cache, plan.prompts[part], plan.negative_prompts[part], schedule_steps(request), params.cfg_scale,
-        params.s_min_uncond,
-    )
+    prompts = plan.prompts[part]
     shape = (model.latent_channels, height // model.latent_scale, width // model.latent_scale)
     rng = make_rng(request.seeds, list(plan.seeds[part]), list(plan.subseeds[part]), shape, model.device)
-    plan = txt2img_plan(model, params)
-    x = run.initial_latent(rng.next(), plan, sgm_noise_multiplier=params.sgm_noise_multiplier)
-    cfg = guided_denoiser(model, params.sampler, guidance, vector_conditioning(model, width, height))
-    result = run_sampler(params, plan, x, rng, cfg, control, preview_function(model, request.preview_method))
-    return result.latents, result.stopped
+    sampling_plan = txt2img_plan(model, params)
+    x = run.initial_latent(rng.next(), sampling_plan, sgm_noise_multiplier=params.sgm_noise_multiplier)
+    batch = factory(DenoiserSpec(
+        model, params, prompts, plan.negative_prompts[part], width, height, params.steps, schedule_steps(request),
+        lambda on: txt2img_image_conditioning(on, len(prompts), width, height),
+    ))
+    result = sample_with(batch, params, sampling_plan, x, rng, control, request.preview_method)
+    return result.latents, result.stopped, batch.model()
 
 
 def txt2img(
-    model: SDModel, request: GenerationRequest, control: JobControl, cache: TextEncoderCache | None = None
+    model: SDModel, request: GenerationRequest, control: JobControl, cache: TextEncoderCache | None = None, *,
+    denoiser_factory: DenoiserFactory | None = None,
 ) -> tuple[list[GeneratedImage], bool]:
     """All batches of a request; returns the images and whether the user interrupted. `cache` carries the
-    textual-inversion embeddings, when the caller has them."""
+    textual-inversion embeddings, when the caller has them; `denoiser_factory` replaces GuidedDenoisers(cache)."""
     plan = plan_batches(request)
-    cache = cache or TextEncoderCache(model, conditioning_options(request))
+    factory = denoiser_factory or GuidedDenoisers(cache or TextEncoderCache(model, conditioning_options(request)))
     images: list[GeneratedImage] = []
     for index in range(request.n_iter):
         control.begin_pass(index, request.n_iter, request.sampling.steps)
-        latents, stopped = sample_batch(model, request, plan, index, cache, control, request.width, request.height)
-        part = plan.batch(index)
-        for k, picture in enumerate(decode(model, latents, request.auto_vae_precision)):
-            i = part.start + k
-            images.append(GeneratedImage(picture, plan.seeds[i], plan.subseeds[i], plan.prompts[i], plan.negative_prompts[i]))
+        latents, stopped, ended_on = sample_batch(
+            model, request, plan, index, factory, control, request.width, request.height
+        )
+        images += generated_images(plan, index, decode(ended_on, latents, request.auto_vae_precision))
         if stopped == "interrupted":
             return images, True
     return images, False
