@@ -30,9 +30,9 @@ from torch import nn
 from sdserver.errors import ModelLoadError
 from sdserver.upscalers.swinir import (
     PixelShuffleUpsample,
+    build_loaded,
     direct_scale,
     image_mean,
-    load_strict,
     pixelshuffle_scale,
     relative_position_index,
     resi_connection_of,
@@ -394,11 +394,4 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> DATConfig:
 
 
 def build_dat(sd: Mapping[str, torch.Tensor]) -> DAT:
-    """A ready (eval mode, CPU) DAT with every tensor of `sd` loaded; mismatches raise ModelLoadError."""
-    config = config_from_state_dict(sd)
-    try:
-        net = DAT(config)
-    except (RuntimeError, ValueError) as exc:  # sizes that pass the checks above but still can't build layers
-        raise ModelLoadError(f"DAT sizes {config} don't make a network: {exc}") from None
-    load_strict(net, sd, "DAT", _SKIP_KEYS)
-    return net.eval()
+    return build_loaded(DAT, config_from_state_dict(sd), sd, "DAT", _SKIP_KEYS)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -470,12 +470,22 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> SwinIRConfig:
     )
 
 
-def build_swinir(sd: Mapping[str, torch.Tensor]) -> SwinIR:
-    """A ready (eval mode, CPU) SwinIR with every tensor of `sd` loaded; mismatches raise ModelLoadError."""
-    config = config_from_state_dict(sd)
+C = TypeVar("C")
+N = TypeVar("N", bound=nn.Module)
+
+
+def build_loaded(
+    network: Callable[[C], N], config: C, sd: Mapping[str, torch.Tensor], name: str, skip: re.Pattern[str]
+) -> N:
+    """A ready (eval mode, CPU) network of `config` with every tensor of `sd` loaded; mismatches raise
+    ModelLoadError."""
     try:
-        net = SwinIR(config)
-    except (RuntimeError, ValueError) as exc:  # sizes that pass the checks above but still can't build layers
-        raise ModelLoadError(f"SwinIR sizes {config} don't make a network: {exc}") from None
-    load_strict(net, sd, "SwinIR", _SKIP_KEYS)
+        net = network(config)
+    except (RuntimeError, ValueError) as exc:  # sizes that pass the shape checks but still can't build layers
+        raise ModelLoadError(f"{name} sizes {config} don't make a network: {exc}") from None
+    load_strict(net, sd, name, skip)
     return net.eval()
+
+
+def build_swinir(sd: Mapping[str, torch.Tensor]) -> SwinIR:
+    return build_loaded(SwinIR, config_from_state_dict(sd), sd, "SwinIR", _SKIP_KEYS)
