@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+from sdserver.errors import ModelLoadError
+from sdserver.models.files import load_state_dict
+from sdserver.upscalers.registry import UpscalerRegistry
+from sdserver.upscalers.tiling import upscale_tiled
 
 StateDict = dict[str, torch.Tensor]
 
@@ -86,3 +96,49 @@ def realesrgan() -> Callable[..., StateDict]:
 @pytest.fixture
 def compact_sd() -> Callable[..., StateDict]:
     return make_compact
+
+
+# --- a state dict written into a model folder and used through the registry ---------------------------------------
+
+
+def random_image(w: int, h: int) -> Image.Image:
+    gen = torch.Generator().manual_seed(w * 100 + h)
+    return Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy(), "RGB")
+
+
+def _registry_over(folder: Path, kind: str, sd: StateDict, filename: str) -> UpscalerRegistry:
+    folder.mkdir(exist_ok=True)
+    path = folder / filename
+    # BasicSR-trained .pth releases nest the weights under params / params_ema.
+    save_file(sd, str(path)) if path.suffix == ".safetensors" else torch.save({"params": sd}, path)
+    return UpscalerRegistry({kind: [folder]}, loader=load_state_dict)
+
+
+@pytest.fixture
+def file_round_trip(tmp_path: Path) -> Callable[..., tuple[UpscalerRegistry, Image.Image]]:
+    """`run(kind, net, sd, suffix)`: write `sd` as models/<kind>/tiny<suffix>, upscale an 11x7 image (not a
+    multiple of any window) through the registry, and check it equals running `net` tiled."""
+
+    def run(kind: str, net: nn.Module, sd: StateDict, suffix: str) -> tuple[UpscalerRegistry, Image.Image]:
+        reg = _registry_over(tmp_path / kind, kind, sd, f"tiny{suffix}")
+        img = random_image(11, 7)
+        out = reg.upscale(img, net.scale, "tiny")
+        assert out.size == (11 * net.scale, 7 * net.scale)
+        expected = upscale_tiled(net, img, device="cpu", dtype=torch.float32)
+        assert np.array_equal(np.asarray(out), np.asarray(expected))
+        return reg, img
+
+    return run
+
+
+@pytest.fixture
+def file_load_error(tmp_path: Path) -> Callable[[str, StateDict, str], ModelLoadError]:
+    """`run(kind, sd, field)`: the error upscaling through models/<kind>/broken.safetensors raises."""
+
+    def run(kind: str, sd: StateDict, field: str) -> ModelLoadError:
+        reg = _registry_over(tmp_path / kind, kind, sd, "broken.safetensors")
+        with pytest.raises(ModelLoadError) as err:
+            reg.upscale(random_image(8, 8), 2, "broken", field=field)
+        return err.value
+
+    return run

@@ -1,17 +1,10 @@
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import save_file
 
 from sdserver.errors import ModelLoadError
 from sdserver.upscalers import architectures
 from sdserver.upscalers.dat import DAT, DATConfig, build_dat, config_from_state_dict, is_shifted
-from sdserver.upscalers.registry import UpscalerRegistry
 from sdserver.upscalers.swinir import shifted_window_mask
-from sdserver.upscalers.tiling import upscale_tiled
 
 
 def _config(
@@ -206,43 +199,19 @@ def test_split_size_is_read_from_the_stored_offsets():
 # -- through the registry's file loading ------------------------------------------------------------------------
 
 
-def _image(w: int, h: int) -> Image.Image:
-    gen = torch.Generator().manual_seed(w * 100 + h)
-    return Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy(), "RGB")
-
-
-def _registry(tmp_path: Path) -> tuple[UpscalerRegistry, Path]:
-    from sdserver.models.files import load_state_dict
-
-    folder = tmp_path / "DAT"
-    folder.mkdir()
-    return UpscalerRegistry({"DAT": [folder]}, loader=load_state_dict), folder
-
-
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 @pytest.mark.parametrize("variant", ["DAT_x2", "DAT_light_x2"])
-def test_file_loads_and_upscales_like_the_original_network(tmp_path, suffix, variant):
+def test_file_loads_and_upscales_like_the_original_network(file_round_trip, suffix, variant):
     net = _random_net(VARIANTS[variant], seed=4)
-    sd = _as_file(net)
-    reg, folder = _registry(tmp_path)
-    path = folder / f"tiny{suffix}"
-    save_file(sd, str(path)) if suffix == ".safetensors" else torch.save({"params": sd}, path)
-    img = _image(11, 7)  # not a multiple of the window
-    out = reg.upscale(img, net.scale, "tiny")
-    assert out.size == (11 * net.scale, 7 * net.scale)
-    expected = upscale_tiled(net, img, device="cpu", dtype=torch.float32)
-    assert np.array_equal(np.asarray(out), np.asarray(expected))
+    file_round_trip("DAT", net, _as_file(net), suffix)
 
 
-def test_corrupted_shape_is_a_load_error_naming_the_file(tmp_path):
+def test_corrupted_shape_is_a_load_error_naming_the_file(file_load_error):
     sd = _as_file(_random_net(VARIANTS["DAT_x2"]))
     sd["layers.1.blocks.1.ffn.sg.conv.weight"] = torch.zeros(16, 1, 5, 5)
-    reg, folder = _registry(tmp_path)
-    save_file(sd, str(folder / "broken.safetensors"))
-    with pytest.raises(ModelLoadError) as err:
-        reg.upscale(_image(8, 8), 2, "broken", field="hr_upscaler")
-    assert err.value.field == "hr_upscaler"
-    assert "broken.safetensors" in err.value.message and "sg.conv" in err.value.message
+    error = file_load_error("DAT", sd, "hr_upscaler")
+    assert error.field == "hr_upscaler"
+    assert "broken.safetensors" in error.message and "sg.conv" in error.message
 
 
 @pytest.mark.parametrize(

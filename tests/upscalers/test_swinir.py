@@ -1,14 +1,8 @@
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import save_file
 
 from sdserver.errors import ModelLoadError
 from sdserver.upscalers import architectures
-from sdserver.upscalers.registry import UpscalerRegistry
 from sdserver.upscalers.swinir import (
     SwinIR,
     SwinIRConfig,
@@ -17,7 +11,6 @@ from sdserver.upscalers.swinir import (
     pad_symmetric,
     shifted_window_mask,
 )
-from sdserver.upscalers.tiling import upscale_tiled
 
 
 def _config(upsampler: str, scale: int, window: int = 4, resi: str = "1conv") -> SwinIRConfig:
@@ -179,45 +172,20 @@ def test_state_dict_keys_match_the_released_layout(config, reference):
 # -- through the registry's file loading ------------------------------------------------------------------------
 
 
-def _image(w: int, h: int) -> Image.Image:
-    gen = torch.Generator().manual_seed(w * 100 + h)
-    return Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy(), "RGB")
-
-
-def _registry(tmp_path: Path) -> tuple[UpscalerRegistry, Path]:
-    from sdserver.models.files import load_state_dict
-
-    folder = tmp_path / "SwinIR"
-    folder.mkdir()
-    return UpscalerRegistry({"SwinIR": [folder]}, loader=load_state_dict), folder
-
-
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 @pytest.mark.parametrize("variant", ["classical_x2", "realworld_x4", "lightweight_x2"])
-def test_file_loads_and_upscales_like_the_original_network(tmp_path, suffix, variant):
+def test_file_loads_and_upscales_like_the_original_network(file_round_trip, suffix, variant):
     net = _random_net(VARIANTS[variant], seed=3)
-    sd = _as_file(net)
-    reg, folder = _registry(tmp_path)
-    path = folder / f"tiny{suffix}"
-    # BasicSR-trained .pth releases nest the weights under params / params_ema.
-    save_file(sd, str(path)) if suffix == ".safetensors" else torch.save({"params": sd}, path)
-    img = _image(11, 7)  # not a multiple of the window
-    out = reg.upscale(img, net.scale, "tiny")
-    assert out.size == (11 * net.scale, 7 * net.scale)
-    expected = upscale_tiled(net, img, device="cpu", dtype=torch.float32)
-    assert np.array_equal(np.asarray(out), np.asarray(expected))
+    reg, img = file_round_trip("SwinIR", net, _as_file(net), suffix)
     assert reg.upscale(img, 2.5, "tiny").size == (27, 17)
 
 
-def test_corrupted_shape_is_a_load_error_naming_the_file(tmp_path):
+def test_corrupted_shape_is_a_load_error_naming_the_file(file_load_error):
     sd = _as_file(_random_net(VARIANTS["classical_x2"]))
     sd["layers.1.residual_group.blocks.2.mlp.fc2.weight"] = torch.zeros(12, 20)
-    reg, folder = _registry(tmp_path)
-    save_file(sd, str(folder / "broken.safetensors"))
-    with pytest.raises(ModelLoadError) as err:
-        reg.upscale(_image(8, 8), 2, "broken", field="upscaler_1")
-    assert err.value.field == "upscaler_1"
-    assert "broken.safetensors" in err.value.message and "mlp.fc2" in err.value.message
+    error = file_load_error("SwinIR", sd, "upscaler_1")
+    assert error.field == "upscaler_1"
+    assert "broken.safetensors" in error.message and "mlp.fc2" in error.message
 
 
 @pytest.mark.parametrize(
