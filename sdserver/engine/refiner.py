@@ -45,14 +45,13 @@ from sdserver.sampling.discrete import DiscreteSchedule
 from sdserver.sampling.registry import SAMPLERS
 
 __all__ = [
-    "DISABLED_NAMES", "Checkpoints", "GuidedFn", "ModelSlot", "RefinerDenoisers", "RefinerJob", "SwitchRule",
+    "Checkpoints", "GuidedFn", "ModelSlot", "RefinerDenoisers", "RefinerJob", "SwitchRule",
     "SwitchingDenoiser", "completed_ratio", "model_denoiser", "refined_hires", "refined_img2img", "refined_txt2img",
     "refiner_guidance", "refiner_job", "refiner_route", "refiner_use", "resolve_refiner",
     "txt2img_image_conditioning",  # re-exported: it lived here before the pipeline needed it
 ]
 
 # A1111 names a disabled refiner these ways; sdserver also takes the hires field's "Use same checkpoint".
-DISABLED_NAMES = ("", "None", "none", "Use same checkpoint")
 _LAST_TIMESTEP = 999  # A1111's completed ratio is (999 - t) / 1000
 
 
@@ -285,7 +284,7 @@ def resolve_refiner(manager: Checkpoints, request: GenerationRequest) -> Checkpo
     """The refiner checkpoint a request names, None when it names none. An unknown name is a 422 naming
     `refiner_checkpoint`, raised before any model is loaded or sampled."""
     params = request.refiner
-    if params is None or params.checkpoint in DISABLED_NAMES:
+    if params is None:  # the A1111 edge turns "None" / "" / "Use same checkpoint" into no refiner
         return None
     try:
         info = manager.resolve(params.checkpoint)
